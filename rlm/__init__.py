@@ -1,0 +1,46 @@
+"""rlm: Recursive Language Models over a persistent Python REPL.
+
+    from rlm import RLM_REPL
+    answer = RLM_REPL(model="auto").completion(context=big_text, query="...")
+
+Names are imported lazily, so that the REPL worker process, which imports this package,
+starts without loading the HTTP client.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RLM",
+    "RLM_REPL",
+    "RLMError",
+    "ConfigError",
+    "ContextError",
+    "ClientError",
+    "EndpointUnreachable",
+    "MalformedResponse",
+    "SandboxError",
+    "__version__",
+]
+
+_LAZY = {
+    "RLM": "rlm.rlm",
+    "RLM_REPL": "rlm.rlm_repl",
+    "RLMError": "rlm.errors",
+    "ConfigError": "rlm.errors",
+    "ContextError": "rlm.errors",
+    "ClientError": "rlm.errors",
+    "EndpointUnreachable": "rlm.errors",
+    "MalformedResponse": "rlm.errors",
+    "SandboxError": "rlm.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rlm' has no attribute {name!r}")

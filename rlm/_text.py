@@ -1,0 +1,72 @@
+"""Text helpers shared by the host and the REPL worker (standard library only)."""
+
+from __future__ import annotations
+
+__all__ = ["BoundedText", "truncate_middle", "omission_marker"]
+
+
+def omission_marker(omitted: int, total: int) -> str:
+    """The line put where the middle of a too-long text was cut out."""
+    return f"\n[... {omitted:,} characters omitted; the full text was {total:,} characters ...]\n"
+
+
+def truncate_middle(text: str, limit: int) -> str:
+    """Return `text` unchanged if it has at most `limit` characters, else its head and tail.
+
+    The cut keeps the first and last halves of `limit` and says how much was left out, so a
+    model reading it knows it is not seeing everything.
+    """
+    if len(text) <= limit:
+        return text
+    head = limit // 2
+    tail = limit - head
+    return text[:head] + omission_marker(len(text) - head - tail, len(text)) + (text[-tail:] if tail else "")
+
+
+class BoundedText:
+    """A write-only text sink that keeps at most about `limit` characters: head and tail.
+
+    Memory stays bounded however much is written (a model printing a 1 GB context must not
+    exhaust the worker); `getvalue()` returns what `truncate_middle` would have returned for
+    the whole text.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(0, limit)
+        self.total = 0
+        self._parts: list[str] = []
+        self._size = 0
+        self._head: str | None = None  # set once the text overflows; then _parts hold the tail
+
+    def write(self, text: str) -> int:
+        n = len(text)
+        self.total += n
+        if self._head is None:
+            self._parts.append(text)
+            self._size += n
+            if self._size > 2 * self.limit + 4096:
+                joined = "".join(self._parts)
+                self._head = joined[: self.limit // 2]
+                self._keep_tail(joined)
+        else:
+            self._parts.append(text)
+            self._size += n
+            if self._size > 2 * self._tail_len + 4096:
+                self._keep_tail("".join(self._parts))
+        return n
+
+    @property
+    def _tail_len(self) -> int:
+        return self.limit - self.limit // 2
+
+    def _keep_tail(self, text: str) -> None:
+        tail = text[-self._tail_len :] if self._tail_len else ""
+        self._parts = [tail]
+        self._size = len(tail)
+
+    def getvalue(self) -> str:
+        if self._head is None:
+            return truncate_middle("".join(self._parts), self.limit)
+        tail = "".join(self._parts)[-self._tail_len :] if self._tail_len else ""
+        omitted = self.total - len(self._head) - len(tail)
+        return self._head + omission_marker(omitted, self.total) + tail

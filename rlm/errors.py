@@ -1,0 +1,71 @@
+"""The exceptions `rlm` raises: one tree rooted at `RLMError`.
+
+    RLMError
+     +-- ConfigError            bad argument or environment value; fix the call
+     +-- ContextError           the context cannot be loaded (bad type, missing file)
+     +-- ClientError            the model endpoint failed (has .url, .status, .body)
+     |    +-- EndpointUnreachable    nothing answered at the URL
+     |    +-- MalformedResponse      the server answered something that is not a completion
+     +-- SandboxError           the REPL worker could not be started or talked to
+
+Errors in model-written code are not exceptions of ours: they are shown to the model.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RLMError",
+    "ConfigError",
+    "ContextError",
+    "ClientError",
+    "EndpointUnreachable",
+    "MalformedResponse",
+    "SandboxError",
+]
+
+
+class RLMError(Exception):
+    """Base class of every error raised by `rlm`."""
+
+
+class ConfigError(RLMError):
+    """An argument or environment variable has a value we cannot use."""
+
+
+class ContextError(RLMError):
+    """The context given to `completion()` cannot be loaded into the REPL."""
+
+
+class ClientError(RLMError):
+    """The model endpoint failed: an HTTP error status, or a failure to reach it.
+
+    `status` is the HTTP status (None when no response came back), `body` the start of the
+    response body, `url` the endpoint's base URL.
+    """
+
+    def __init__(self, message: str, *, url: str, status: int | None = None, body: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+        self.body = body
+
+    @property
+    def is_request_error(self) -> bool:
+        """True when the server rejected this particular request (for example a prompt too long).
+
+        Such an error is the caller's to handle; any other failure means the endpoint itself
+        is not usable.
+        """
+        return self.status in (400, 413, 422)
+
+
+class EndpointUnreachable(ClientError):
+    """Nothing answered at the endpoint URL (connection refused, DNS failure, timeout)."""
+
+
+class MalformedResponse(ClientError):
+    """The endpoint answered, but not with a chat completion we can read."""
+
+
+class SandboxError(RLMError):
+    """The REPL worker could not be started, or stopped talking the protocol."""

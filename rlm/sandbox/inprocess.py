@@ -1,0 +1,120 @@
+"""The fastest sandbox, with NO isolation: model code runs inside the host process.
+
+Use it for debugging and for trusted inputs only. Model code can read the host's environment
+(API keys included), open files and sockets, and exit or crash the host process.
+
+Timeouts are best effort: an exception is raised asynchronously in the thread running the
+cell, which stops pure-Python loops but not a long call into C (a huge regex match, say).
+Output is captured per thread, so the host's own printing is never swallowed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+
+from rlm.sandbox.base import ContextSource, ExecResult, LLMBridge, Sandbox, SubCallFailed
+from rlm.sandbox.worker import LLMQueryError, Session
+
+__all__ = ["InProcessSandbox"]
+
+
+class _CellTimeout(BaseException):
+    """Raised asynchronously in a cell's thread when it runs past its limit."""
+
+
+class InProcessSandbox(Sandbox):
+    """Runs cells in the calling thread, in a namespace kept on this object."""
+
+    name = "inprocess"
+    isolated = False
+
+    def __init__(self, bridge: LLMBridge) -> None:
+        self._bridge = bridge
+        self._session: Session | None = Session(self._call_bridge, process_wide=False)
+
+    def _call_bridge(self, kind: str, prompts: list[str]) -> list[str]:
+        try:
+            return self._bridge(kind, prompts)
+        except SubCallFailed as exc:
+            raise LLMQueryError(str(exc)) from None
+
+    def load_context(self, source: ContextSource) -> dict:
+        session = self._require()
+        if source.path is not None:
+            return session.load_context_file(str(source.path), source.fmt)
+        return session.set_context(source.value)
+
+    def run(self, code: str, *, timeout: float, max_output: int) -> ExecResult:
+        session = self._require()
+        watchdog = _Watchdog(threading.get_ident(), session, timeout)
+        watchdog.start()
+        try:
+            outcome = session.execute(code, max_output)
+        except _CellTimeout:
+            # Raised between the cell's end and the watchdog's cancel: the cell had finished.
+            outcome = {"error": None, "stdout": "", "stderr": ""}
+        finally:
+            watchdog.cancel()
+        error = outcome.get("error")
+        timed_out = watchdog.fired
+        if timed_out:
+            error = f"The cell ran past its {timeout:g} s limit and was interrupted. Variables are kept."
+        return ExecResult(
+            stdout=outcome.get("stdout", ""),
+            stderr=outcome.get("stderr", ""),
+            error=error,
+            final=outcome.get("final"),
+            timed_out=timed_out,
+            duration=outcome.get("duration", 0.0),
+        )
+
+    def get_variable(self, name: str) -> dict:
+        return self._require().get_variable(name)
+
+    def _require(self) -> Session:
+        if self._session is None:
+            from rlm.errors import SandboxError
+
+            raise SandboxError("this REPL session is closed")
+        return self._session
+
+    def close(self) -> None:
+        self._session = None
+
+
+class _Watchdog:
+    """Raises _CellTimeout in a thread once `timeout` seconds of its own work have passed."""
+
+    def __init__(self, thread_id: int, session: Session, timeout: float) -> None:
+        self._thread_id = thread_id
+        self._session = session
+        self._timeout = timeout
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self.fired = False
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="rlm-cell-watchdog")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + self._timeout
+        while not self._done.wait(max(0.0, min(0.05, deadline - time.monotonic()))):
+            if not self._session.running_user_code:
+                deadline += 0.05  # waiting on a sub-call does not count, as in the worker
+                continue
+            if time.monotonic() >= deadline:
+                with self._lock:
+                    if not self._done.is_set():
+                        self.fired = True
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                            ctypes.c_ulong(self._thread_id), ctypes.py_object(_CellTimeout)
+                        )
+                return
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._done.set()
+        self._thread.join()

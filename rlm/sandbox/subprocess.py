@@ -1,0 +1,251 @@
+"""The default sandbox: a persistent worker process per session.
+
+Protects the host from crashes, hangs and runaway output of model code; it does NOT protect
+against hostile code (the worker runs as the same user and can read what that user can).
+The worker gets a scrubbed environment, so API keys in the host's environment never reach it.
+
+Timeouts: SIGINT first (the worker raises KeyboardInterrupt only inside model code, so
+variables survive); if the cell has not stopped after a grace period, SIGKILL, a new worker,
+and the context loaded again. Time the host spends answering `llm_query` is not counted
+against the cell's limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import rlm
+from rlm.errors import SandboxError
+from rlm.sandbox.base import ContextSource, ExecResult, LLMBridge, Sandbox, SubCallFailed
+from rlm.sandbox.protocol import FrameReader, ProtocolError, write_frame
+
+__all__ = ["SubprocessSandbox"]
+
+INTERRUPT_GRACE = 1.0  # seconds between SIGINT and SIGKILL
+START_TIMEOUT = 30.0
+_WRITE_CHUNK = 16 << 20
+
+# The worker imports our package from where the host found it, nothing from the environment.
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from rlm.sandbox.worker import main; main()"
+
+
+def _scrubbed_env(scratch: Path) -> dict[str, str]:
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(scratch),
+        "TMPDIR": str(scratch),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+    }
+
+
+class _Worker:
+    """One worker process and the pipes to it."""
+
+    def __init__(self, scratch: Path) -> None:
+        package_root = str(Path(rlm.__file__).resolve().parent.parent)
+        self.stderr_path = scratch / "worker-stderr.log"
+        with open(self.stderr_path, "ab") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-c", _BOOT, package_root],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                cwd=scratch,
+                env=_scrubbed_env(scratch),
+                start_new_session=True,
+            )
+        self.reader = FrameReader(self.process.stdout.fileno())
+        ready = self.receive(time.monotonic() + START_TIMEOUT)
+        if ready is None or ready.get("op") != "ready":
+            self.kill()
+            raise SandboxError(f"the REPL worker did not start: {self.stderr_tail() or 'no output'}")
+
+    def send(self, message: dict) -> None:
+        try:
+            write_frame(self.process.stdin.fileno(), message)
+        except (BrokenPipeError, OSError) as exc:
+            raise ProtocolError(f"cannot write to the worker: {exc}") from None
+
+    def receive(self, deadline: float | None) -> dict | None:
+        return self.reader.read(deadline)
+
+    def interrupt(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGINT)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            pipe.close()
+
+    def death_note(self) -> str:
+        code = self.process.wait(timeout=5)
+        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        tail = self.stderr_tail()
+        return how + (f"; its last output:\n{tail}" if tail else "")
+
+    def stderr_tail(self, limit: int = 2000) -> str:
+        try:
+            data = self.stderr_path.read_bytes()
+        except OSError:
+            return ""
+        return data[-limit:].decode("utf-8", "replace").strip()
+
+
+class SubprocessSandbox(Sandbox):
+    """Runs cells in a persistent child process (`python -I`), talking JSON frames."""
+
+    name = "subprocess"
+    isolated = False
+
+    def __init__(self, bridge: LLMBridge) -> None:
+        self._bridge = bridge
+        self._scratch = Path(tempfile.mkdtemp(prefix="rlm-session-"))
+        self._source: ContextSource | None = None
+        self._context_message: dict | None = None
+        self._worker: _Worker | None = None
+        self._finalizer = weakref.finalize(self, _cleanup, self._scratch, [None])
+        self._worker = self._start()
+
+    def _start(self) -> _Worker:
+        worker = _Worker(self._scratch)
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _cleanup, self._scratch, [worker])
+        return worker
+
+    # -- context ---------------------------------------------------------------------------
+
+    def load_context(self, source: ContextSource) -> dict:
+        self._context_message = self._context_frame(source)
+        return self._send_context()
+
+    def _context_frame(self, source: ContextSource) -> dict:
+        if source.path is not None:
+            return {"op": "load_context", "path": str(source.path), "format": source.fmt}
+        if source.value is None:
+            return {"op": "load_context", "value": None}
+        target = self._scratch / ("context.txt" if isinstance(source.value, str) else "context.json")
+        with open(target, "wb") as handle:
+            if isinstance(source.value, str):
+                for start in range(0, len(source.value), _WRITE_CHUNK):
+                    handle.write(source.value[start : start + _WRITE_CHUNK].encode("utf-8", "surrogatepass"))
+            else:
+                handle.write(json.dumps(source.value, ensure_ascii=False).encode("utf-8"))
+        fmt = "text" if isinstance(source.value, str) else "json"
+        return {"op": "load_context", "path": str(target), "format": fmt}
+
+    def _send_context(self) -> dict:
+        reply = self._request(self._context_message or {"op": "load_context", "value": None})
+        if reply["op"] != "context":
+            raise SandboxError(f"the REPL worker could not load the context: {reply.get('error')}")
+        return {key: value for key, value in reply.items() if key != "op"}
+
+    def _request(self, message: dict) -> dict:
+        worker = self._require_worker()
+        try:
+            worker.send(message)
+            reply = worker.receive(None)
+        except ProtocolError as exc:
+            raise SandboxError(f"the REPL worker stopped responding ({exc}): {worker.death_note()}") from None
+        return reply
+
+    # -- cells -----------------------------------------------------------------------------
+
+    def run(self, code: str, *, timeout: float, max_output: int) -> ExecResult:
+        worker = self._require_worker()
+        try:
+            worker.send({"op": "exec", "code": code, "max_output": max_output})
+            return self._await_result(worker, timeout)
+        except ProtocolError:
+            note = worker.death_note()
+            self._replace_worker()
+            return ExecResult(error=f"The REPL worker process died ({note}).", restarted=True)
+
+    def _await_result(self, worker: _Worker, timeout: float) -> ExecResult:
+        deadline = time.monotonic() + timeout
+        interrupted = False
+        while True:
+            message = worker.receive(deadline)
+            if message is None:
+                if interrupted:
+                    self._replace_worker()
+                    return ExecResult(error=f"The cell ran past its {timeout:g} s limit.", timed_out=True, restarted=True)
+                worker.interrupt()
+                interrupted = True
+                deadline = time.monotonic() + INTERRUPT_GRACE
+            elif message["op"] == "llm_query":
+                started = time.monotonic()
+                worker.send(self._answer(message))
+                deadline += time.monotonic() - started
+            elif message["op"] == "result":
+                return _result(message, timed_out=interrupted, timeout=timeout)
+            else:
+                raise SandboxError(f"unexpected message from the REPL worker: {message.get('op')!r}")
+
+    def _answer(self, message: dict) -> dict:
+        try:
+            return {"op": "llm_result", "results": self._bridge(message["kind"], message["prompts"])}
+        except SubCallFailed as exc:
+            return {"op": "llm_result", "error": str(exc)}
+        except BaseException:
+            # The run is failing; the worker is mid-cell waiting for us, so it cannot be reused.
+            self._replace_worker()
+            raise
+
+    def _replace_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.kill()
+        self._worker = None
+        self._worker = self._start()
+        if self._context_message is not None:
+            self._send_context()
+
+    def get_variable(self, name: str) -> dict:
+        reply = self._request({"op": "get_var", "name": name})
+        return {key: value for key, value in reply.items() if key != "op"}
+
+    def _require_worker(self) -> _Worker:
+        if self._worker is None:
+            raise SandboxError("this REPL session is closed")
+        return self._worker
+
+    def close(self) -> None:
+        self._finalizer()
+        self._worker = None
+
+
+def _result(message: dict, *, timed_out: bool, timeout: float) -> ExecResult:
+    error = message.get("error")
+    if timed_out and message.get("interrupted"):
+        error = f"The cell ran past its {timeout:g} s limit and was interrupted. Variables are kept."
+    return ExecResult(
+        stdout=message.get("stdout", ""),
+        stderr=message.get("stderr", ""),
+        error=error,
+        final=message.get("final"),
+        timed_out=timed_out,
+        duration=message.get("duration", 0.0),
+    )
+
+
+def _cleanup(scratch: Path, workers: list) -> None:
+    for worker in workers:
+        if worker is not None:
+            try:
+                worker.send({"op": "shutdown"})
+            except ProtocolError:
+                pass  # already gone; the kill below makes sure
+            worker.kill()
+    shutil.rmtree(scratch, ignore_errors=True)

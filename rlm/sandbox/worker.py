@@ -1,0 +1,391 @@
+"""The REPL session that runs model-written code, and the worker process's frame loop.
+
+`Session` holds one persistent namespace: `context`, the scaffold functions (`llm_query`,
+`llm_query_batched`, `FINAL`, `FINAL_VAR`, `SHOW_VARS`) and whatever the model defines.
+The subprocess sandbox runs it in a child process (`main()` below, talking frames over the
+child's stdin/stdout); the in-process sandbox uses it directly.
+
+Standard library only: this module is imported inside the worker, where start-up time counts.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import linecache
+import mmap
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from rlm._text import BoundedText
+
+__all__ = ["FinalAnswer", "LLMQueryError", "Session", "SCAFFOLD_NAMES", "describe_context", "main"]
+
+SCAFFOLD_NAMES = ("context", "llm_query", "llm_query_batched", "FINAL", "FINAL_VAR", "SHOW_VARS")
+_MAX_CHUNKS_LISTED = 100
+
+# Called with ("llm_query" | "llm_query_batched", prompts) and returns one answer per prompt.
+LLMBridge = Callable[[str, "list[str]"], "list[str]"]
+
+
+class FinalAnswer(BaseException):
+    """Raised by FINAL / FINAL_VAR to end the cell with an answer.
+
+    A BaseException, so that `except Exception:` in model code cannot swallow it.
+    """
+
+    def __init__(self, value: str) -> None:
+        super().__init__(value)
+        self.value = value
+
+
+class LLMQueryError(RuntimeError):
+    """A sub-model call failed; raised inside model code so the model can react."""
+
+
+def describe_context(value: Any) -> dict:
+    """Type, total length in characters and chunk lengths of a context value."""
+    if isinstance(value, str):
+        lengths = [len(value)]
+    elif isinstance(value, dict):
+        lengths = [_length(v) for v in value.values()]
+    elif isinstance(value, (list, tuple)):
+        lengths = [_length(v) for v in value]
+    else:
+        lengths = [_length(value)]
+    return {
+        "type": type(value).__name__,
+        "total_length": sum(lengths),
+        "chunk_count": len(lengths),
+        "chunk_lengths": lengths[:_MAX_CHUNKS_LISTED],
+    }
+
+
+def _length(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    return len(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def _short_repr(value: Any, limit: int) -> str:
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return repr(value[:limit]) + f" ... ({len(value):,} in total)"
+    return repr(value)
+
+
+class _CellStream(io.TextIOBase):
+    """A text stream writing into a cell's bounded buffer."""
+
+    def __init__(self, sink: BoundedText) -> None:
+        self._sink = sink
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        return self._sink.write(text)
+
+
+class _ThreadRouter(io.TextIOBase):
+    """Stands in for sys.stdout/sys.stderr when sessions run inside the host process.
+
+    Writes from a thread that is running a cell go to that cell's buffer; all other writes go
+    to the stream that was there before. This way concurrent cells never mix their output,
+    and the host's own printing is untouched.
+    """
+
+    def __init__(self, fallback: Any) -> None:
+        self.fallback = fallback
+        self.local = threading.local()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        target = getattr(self.local, "target", None)
+        return (target or self.fallback).write(text)
+
+    def flush(self) -> None:
+        target = getattr(self.local, "target", None)
+        (target or self.fallback).flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _router(name: str) -> _ThreadRouter:
+    current = getattr(sys, name)
+    if isinstance(current, _ThreadRouter):
+        return current
+    router = _ThreadRouter(current)
+    setattr(sys, name, router)
+    return router
+
+
+class Session:
+    """One persistent REPL namespace and the rules for running cells in it.
+
+    `process_wide=True` (inside a worker process) swaps sys.stdout/sys.stderr for the cell's
+    buffers while a cell runs, so output from threads the model starts is caught too.
+    `process_wide=False` (inside the host) routes output per thread instead.
+    """
+
+    def __init__(self, llm: LLMBridge, *, process_wide: bool) -> None:
+        self._llm = llm
+        self._process_wide = process_wide
+        self._context: Any = None
+        self._cells = 0
+        self.running_user_code = False
+        self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+        self._scaffold = {
+            "llm_query": self._llm_query,
+            "llm_query_batched": self._llm_query_batched,
+            "FINAL": self._final,
+            "FINAL_VAR": self._final_var,
+            "SHOW_VARS": self._show_vars,
+        }
+        self._restore_scaffold()
+
+    # -- context -----------------------------------------------------------------------
+
+    def set_context(self, value: Any) -> dict:
+        self._context = value
+        self.namespace["context"] = value
+        return describe_context(value)
+
+    def load_context_file(self, path: str, fmt: str) -> dict:
+        """Load the context from a file: 'text' is memory-mapped and decoded once, 'json' parsed."""
+        if fmt == "json":
+            with open(path, encoding="utf-8") as handle:
+                return self.set_context(json.load(handle))
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size == 0:
+                return self.set_context("")
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        return self.set_context(str(mapped, "utf-8", "replace"))
+
+    # -- running cells ------------------------------------------------------------------
+
+    def execute(self, code: str, max_output: int) -> dict:
+        """Run one cell; return its captured output, error text and final answer, if any."""
+        self._restore_scaffold()
+        self._cells += 1
+        filename = f"<cell {self._cells}>"
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        out, err = BoundedText(max_output), BoundedText(max_output)
+        error = final = None
+        interrupted = False
+        started = time.perf_counter()
+        try:
+            with self._capture(out, err):
+                self._run(code, filename, max_output)
+        except FinalAnswer as answer:
+            final = answer.value
+        except KeyboardInterrupt:
+            interrupted = True
+            error = "KeyboardInterrupt: the cell was interrupted"
+        except BaseException as exc:  # model code may raise anything, SystemExit included
+            error = _format_exception(exc)
+        return {
+            "stdout": out.getvalue(),
+            "stderr": err.getvalue(),
+            "error": error,
+            "final": final,
+            "interrupted": interrupted,
+            "duration": time.perf_counter() - started,
+        }
+
+    def _run(self, code: str, filename: str, max_output: int) -> None:
+        tree = ast.parse(code, filename)
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        body = compile(tree, filename, "exec")
+        tail = compile(ast.Expression(last.value), filename, "eval") if last is not None else None
+        self.running_user_code = True
+        try:
+            exec(body, self.namespace)
+            value = eval(tail, self.namespace) if tail is not None else None
+        finally:
+            self.running_user_code = False
+        if value is not None:
+            print(_short_repr(value, max_output))
+
+    def _capture(self, out: BoundedText, err: BoundedText) -> "_Capture":
+        return _Capture(self._process_wide, _CellStream(out), _CellStream(err))
+
+    def get_variable(self, name: str) -> dict:
+        """Look up a user variable for FINAL_VAR written in the model's reply text."""
+        if name in self.namespace and name not in SCAFFOLD_NAMES and not name.startswith("__"):
+            return {"found": True, "value": _as_answer(self.namespace[name])}
+        return {"found": False, "value": None, "names": sorted(self._user_names())}
+
+    def _restore_scaffold(self) -> None:
+        self.namespace.update(self._scaffold)
+        self.namespace["context"] = self._context
+
+    def _user_names(self) -> list[str]:
+        return [
+            name
+            for name, value in self.namespace.items()
+            if name not in SCAFFOLD_NAMES and not name.startswith("_") and not isinstance(value, type(sys))
+        ]
+
+    # -- the scaffold functions the model calls ----------------------------------------
+
+    def _llm_query(self, prompt: str) -> str:
+        if not isinstance(prompt, str):
+            raise TypeError(f"llm_query(prompt) takes a str, got {type(prompt).__name__}")
+        return self._call_llm("llm_query", [prompt])[0]
+
+    def _llm_query_batched(self, prompts: list[str]) -> list[str]:
+        prompts = list(prompts)
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"llm_query_batched(prompts): item {index} is a {type(prompt).__name__}, not a str")
+        if not prompts:
+            return []
+        return self._call_llm("llm_query_batched", prompts)
+
+    def _call_llm(self, kind: str, prompts: list[str]) -> list[str]:
+        # While the host answers, a timeout interrupt must not tear a frame in half: hold it
+        # and raise it once the answer is in.
+        was_running, self.running_user_code = self.running_user_code, False
+        try:
+            return self._llm(kind, prompts)
+        finally:
+            self.running_user_code = was_running
+            if was_running and _pending_interrupt.is_set():
+                _pending_interrupt.clear()
+                raise KeyboardInterrupt
+
+    @staticmethod
+    def _final(answer: Any) -> None:
+        raise FinalAnswer(_as_answer(answer))
+
+    def _final_var(self, name: Any) -> None:
+        if not isinstance(name, str):
+            raise TypeError(
+                f"FINAL_VAR takes the variable's name as a string, e.g. FINAL_VAR('answer'); got a "
+                f"{type(name).__name__}. To answer with a value directly, call FINAL(value)."
+            )
+        key = name.strip().strip("'\"")
+        found = self.get_variable(key)
+        if not found["found"]:
+            raise NameError(f"FINAL_VAR: there is no variable named {key!r}. Variables: {found['names']}")
+        raise FinalAnswer(found["value"])
+
+    def _show_vars(self) -> dict[str, str]:
+        return {name: type(self.namespace[name]).__name__ for name in self._user_names()}
+
+
+def _as_answer(value: Any) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+class _Capture:
+    """Sends sys.stdout/sys.stderr writes to a cell's buffers for the duration of a `with`."""
+
+    def __init__(self, process_wide: bool, out: _CellStream, err: _CellStream) -> None:
+        self._process_wide = process_wide
+        self._streams = {"stdout": out, "stderr": err}
+        self._saved: dict[str, Any] = {}
+
+    def __enter__(self) -> None:
+        for name, stream in self._streams.items():
+            if self._process_wide:
+                self._saved[name] = getattr(sys, name)
+                setattr(sys, name, stream)
+            else:
+                router = _router(name)
+                self._saved[name] = getattr(router.local, "target", None)
+                router.local.target = stream
+
+    def __exit__(self, *exc_info: object) -> None:
+        for name, saved in self._saved.items():
+            if self._process_wide:
+                setattr(sys, name, saved)
+            else:
+                _router(name).local.target = saved
+
+
+def _format_exception(exc: BaseException) -> str:
+    """A traceback showing only the model's own frames (not this module's)."""
+    summary = traceback.TracebackException.from_exception(exc)
+    summary.stack = traceback.StackSummary.from_list(
+        [frame for frame in summary.stack if frame.filename != __file__]
+    )
+    return "".join(summary.format()).rstrip()
+
+
+# -- the worker process -------------------------------------------------------------------
+
+_pending_interrupt = threading.Event()
+_session: Session | None = None
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    # Interrupt only model code; anywhere else (protocol I/O) remember it for later.
+    if _session is not None and _session.running_user_code:
+        raise KeyboardInterrupt
+    _pending_interrupt.set()
+
+
+def main() -> None:
+    """Serve one session over frames on stdin/stdout until 'shutdown' or end of input."""
+    global _session
+    from rlm.sandbox.protocol import FrameReader, write_frame
+
+    # Keep the protocol on private descriptors, and point fds 0/1 elsewhere so that stray
+    # writes from model code (os.write(1, ...), C extensions) cannot corrupt a frame.
+    proto_in, proto_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    sys.stdin = open(os.devnull, encoding="utf-8")
+    reader = FrameReader(proto_in)
+
+    def bridge(kind: str, prompts: list[str]) -> list[str]:
+        write_frame(proto_out, {"op": "llm_query", "kind": kind, "prompts": prompts})
+        reply = reader.read()
+        if reply.get("error"):
+            raise LLMQueryError(reply["error"])
+        return reply["results"]
+
+    _session = Session(bridge, process_wide=True)
+    signal.signal(signal.SIGINT, _on_sigint)
+    write_frame(proto_out, {"op": "ready", "pid": os.getpid()})
+    while True:
+        message = reader.read()
+        op = message["op"]
+        if op == "shutdown":
+            return
+        _pending_interrupt.clear()
+        write_frame(proto_out, _dispatch(_session, message))
+
+
+def _dispatch(session: Session, message: dict) -> dict:
+    op = message["op"]
+    try:
+        if op == "exec":
+            return {"op": "result", **session.execute(message["code"], message["max_output"])}
+        if op == "load_context":
+            if "value" in message:
+                return {"op": "context", **session.set_context(message["value"])}
+            return {"op": "context", **session.load_context_file(message["path"], message["format"])}
+        if op == "get_var":
+            return {"op": "var", **session.get_variable(message["name"])}
+        return {"op": "error", "error": f"unknown op {op!r}"}
+    except (OSError, ValueError, MemoryError) as exc:
+        return {"op": "error", "error": f"{type(exc).__name__}: {exc}"}
+
+
+if __name__ == "__main__":
+    main()

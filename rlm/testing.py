@@ -1,0 +1,299 @@
+"""Fakes for testing code that uses `rlm`, without a real model.
+
+- `ScriptedModel`: an in-memory client that answers from a list or a function.
+- `FakeOpenAIServer`: a real HTTP server on 127.0.0.1 speaking the OpenAI chat-completions
+  protocol (`GET /v1/models`, `POST /v1/chat/completions`), with faults on demand: error
+  statuses, Retry-After, delays, malformed bodies, `content: null`, missing usage.
+
+Root-model requests are told apart from sub-calls by their first message: the root loop
+always starts with a system message; `llm_query` sends a single user message.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterable, Union
+
+from rlm.errors import RLMError
+from rlm.usage import Usage
+from rlm.utils.llm import Completion, estimate_tokens
+
+__all__ = ["FakeReply", "ScriptedModel", "FakeOpenAIServer", "is_root_request"]
+
+
+@dataclass
+class FakeReply:
+    """How the fake server answers one chat request.
+
+    `content` is the message text (None sends `"content": null`); `status` other than 200
+    sends an OpenAI-style error body; `raw` replaces the whole body with these bytes;
+    `delay` waits before answering; `usage` is "auto" (counted), None (omitted) or a dict.
+    """
+
+    content: str | None = ""
+    status: int = 200
+    raw: bytes | None = None
+    delay: float = 0.0
+    usage: Any = "auto"
+    headers: dict[str, str] = field(default_factory=dict)
+    finish_reason: str = "stop"
+
+
+Reply = Union[str, None, FakeReply]
+Responder = Callable[[dict], Reply]
+
+
+def is_root_request(request: dict) -> bool:
+    """True for a root-model request (it starts with a system message)."""
+    messages = request.get("messages") or [{}]
+    return messages[0].get("role") == "system"
+
+
+def _from_script(script: Iterable[Reply] | Callable[[dict], Reply], name: str) -> Responder:
+    if callable(script):
+        return script
+    queue = deque(script)
+    lock = threading.Lock()
+
+    def next_reply(request: dict) -> Reply:
+        with lock:
+            if not queue:
+                raise RLMError(f"the {name} script ran out of replies after {len(request.get('messages', []))} messages")
+            return queue.popleft()
+
+    return next_reply
+
+
+class ScriptedModel:
+    """A client that answers from a script instead of a server.
+
+    `replies` is a list of reply texts used in order, or a function of the message list.
+    Every request is kept in `requests` (a copy of its messages). Usage counts 4
+    characters per token; the base URL is a loopback one, so calls cost $0.
+    """
+
+    base_url = "http://127.0.0.1/scripted"
+
+    def __init__(
+        self,
+        replies: Iterable[str | None] | Callable[[list[dict]], str | None],
+        *,
+        model: str = "scripted",
+        window: int | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        self.model = model
+        self.requests: list[list[dict]] = []
+        self._window = window
+        self._delay = delay
+        self._lock = threading.Lock()
+        if callable(replies):
+            self._next: Callable[[list[dict]], str | None] = replies
+        else:
+            responder = _from_script(replies, f"ScriptedModel {model!r}")
+            self._next = lambda messages: responder({"messages": messages})
+
+    def complete(self, messages: list[dict], *, max_tokens: int | None = None) -> Completion:
+        with self._lock:
+            self.requests.append([dict(message) for message in messages])
+        if self._delay:
+            time.sleep(self._delay)
+        text = self._next(messages)
+        reply = text if isinstance(text, str) else ""
+        prompt_chars = sum(len(message.get("content") or "") for message in messages)
+        usage = Usage(input_tokens=estimate_tokens(prompt_chars), output_tokens=estimate_tokens(reply))
+        return Completion(text=reply, usage=usage, model=self.model, latency=self._delay, content_missing=text is None)
+
+    def context_window(self) -> int | None:
+        return self._window
+
+
+class FakeOpenAIServer:
+    """An OpenAI-compatible HTTP server on 127.0.0.1 for tests; use as a context manager.
+
+    `root` answers root-model requests and `sub` answers `llm_query` sub-calls; each is a
+    list of replies (str, None or FakeReply) used in order, or a function of the request
+    JSON. `responder` answers every chat request instead. `models_reply` overrides the
+    `GET /models` answer (a FakeReply), for fault tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: Iterable[Reply] | Responder | None = None,
+        sub: Iterable[Reply] | Responder | None = None,
+        responder: Responder | None = None,
+        models: list[str] | None = None,
+        context_window: int | None = None,
+        latency: float = 0.0,
+        models_reply: FakeReply | None = None,
+    ) -> None:
+        self.models = models or ["fake-model"]
+        self.context_window = context_window
+        self.latency = latency
+        self.models_reply = models_reply
+        self.requests: list[dict] = []
+        self._root = _from_script(root, "root") if root is not None else None
+        self._sub = _from_script(sub, "sub") if sub is not None else (lambda request: "ok")
+        self._responder = responder
+        self._faults: deque[FakeReply] = deque()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL to give a client, ending in /v1."""
+        if self._server is None:
+            raise RuntimeError("the fake server is not running; use it in a with block or call start()")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def fail_next(self, *replies: FakeReply) -> None:
+        """Answer the next chat requests with these replies first (faults, in order)."""
+        with self._lock:
+            self._faults.extend(replies)
+
+    def chat_requests(self, root: bool | None = None) -> list[dict]:
+        """Received chat requests; only root (True) or only sub-calls (False) if asked."""
+        with self._lock:
+            requests = list(self.requests)
+        if root is None:
+            return requests
+        return [request for request in requests if is_root_request(request) == root]
+
+    def start(self) -> "FakeOpenAIServer":
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-openai", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
+            self._server = None
+
+    def __enter__(self) -> "FakeOpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- answering ---------------------------------------------------------------------------
+
+    def _chat_reply(self, request: dict) -> FakeReply:
+        with self._lock:
+            self.requests.append(request)
+            if self._faults:
+                return self._faults.popleft()
+        if self._responder is not None:
+            reply = self._responder(request)
+        elif is_root_request(request):
+            if self._root is None:
+                raise RLMError("FakeOpenAIServer got a root request but has no root script")
+            reply = self._root(request)
+        else:
+            reply = self._sub(request)
+        return reply if isinstance(reply, FakeReply) else FakeReply(content=reply)
+
+    def _models_body(self) -> dict:
+        entries = []
+        for name in self.models:
+            entry: dict[str, Any] = {"id": name, "object": "model", "owned_by": "rlm-testing"}
+            if self.context_window:
+                entry["context_window"] = self.context_window
+            entries.append(entry)
+        return {"object": "list", "data": entries}
+
+    def _wait(self, seconds: float) -> None:
+        if seconds > 0:
+            self._stopping.wait(seconds)
+
+
+def _completion_body(request: dict, reply: FakeReply) -> dict:
+    body: dict[str, Any] = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request.get("model", "fake-model"),
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": reply.content}, "finish_reason": reply.finish_reason}
+        ],
+    }
+    if reply.usage == "auto":
+        prompt = sum(len(m.get("content") or "") for m in request.get("messages", []))
+        completion = estimate_tokens(reply.content or "")
+        body["usage"] = {
+            "prompt_tokens": estimate_tokens(prompt),
+            "completion_tokens": completion,
+            "total_tokens": estimate_tokens(prompt) + completion,
+        }
+    elif reply.usage is not None:
+        body["usage"] = reply.usage
+    return body
+
+
+def _handler_for(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
+            return None
+
+        def do_GET(self) -> None:
+            if self.path.rstrip("/").endswith("/models"):
+                if server.models_reply is not None:
+                    self._send_reply({}, server.models_reply, lambda: {})
+                else:
+                    self._send(200, json.dumps(server._models_body()).encode())
+            else:
+                self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}).encode())
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                request = json.loads(self.rfile.read(length) or b"{}")
+            except ValueError:
+                self._send(400, b'{"error": {"message": "request body is not JSON"}}')
+                return
+            if not self.path.rstrip("/").endswith("/chat/completions"):
+                self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}).encode())
+                return
+            server._wait(server.latency)
+            reply = server._chat_reply(request)
+            self._send_reply(request, reply, lambda: _completion_body(request, reply))
+
+        def _send_reply(self, request: dict, reply: FakeReply, body: Callable[[], dict]) -> None:
+            server._wait(reply.delay)
+            if reply.raw is not None:
+                payload = reply.raw
+            elif reply.status != 200:
+                payload = json.dumps({"error": {"message": reply.content or f"fake error {reply.status}",
+                                                "type": "fake_error", "code": reply.status}}).encode()
+            else:
+                payload = json.dumps(body()).encode()
+            self._send(reply.status, payload, reply.headers)
+
+        def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (a timeout test); nothing to answer
+
+    return Handler

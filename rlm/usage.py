@@ -1,0 +1,123 @@
+"""Token usage per call, prices, and the run totals that `cost_summary()` reports.
+
+Every model call returns its own `Usage`; the ledger adds records up per role. Nothing here
+keeps "the last call" as state, so concurrent sub-calls are each counted exactly once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+__all__ = ["Usage", "CallRecord", "UsageLedger", "price_call", "is_local_endpoint"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens of one call. `estimated` is True when the server reported none and we counted."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    estimated: bool = False
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+            estimated=self.estimated or other.estimated,
+        )
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One model call as counted: who made it, on which model, its usage and cost (None: unknown)."""
+
+    role: str  # "root" or "sub"
+    depth: int
+    model: str
+    usage: Usage
+    cost: float | None
+
+
+def is_local_endpoint(base_url: str) -> bool:
+    """True for a server on a loopback or private address: its calls cost nothing."""
+    host = urlsplit(base_url).hostname or ""
+    if host in ("localhost", "host.docker.internal") or host.endswith(".local"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private or address.is_link_local
+
+
+def price_call(model: str, base_url: str, usage: Usage) -> float | None:
+    """Cost in USD of one call, 0.0 on a local server, None when the price is unknown."""
+    if is_local_endpoint(base_url):
+        return 0.0
+    from genai_prices import Usage as PriceUsage, calc_price
+
+    priced = PriceUsage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_tokens=usage.cached_tokens or None,
+    )
+    for hint in ({"provider_api_url": base_url}, {}):
+        try:
+            return float(calc_price(priced, model, **hint).total_price)
+        except LookupError:
+            continue
+    return None
+
+
+class UsageLedger:
+    """Thread-safe list of call records with the totals `cost_summary()` returns."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: list[CallRecord] = []
+
+    def add(self, record: CallRecord) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    def records(self) -> list[CallRecord]:
+        with self._lock:
+            return list(self._records)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records.clear()
+
+    def summary(self) -> dict:
+        """Totals per role, the total cost in USD, and the models whose price is unknown."""
+        records = self.records()
+        roles = {role: _totals([r for r in records if r.role == role]) for role in ("root", "sub")}
+        unpriced = sorted({r.model for r in records if r.cost is None})
+        return {
+            "total_cost": float(sum(r.cost for r in records if r.cost is not None)),
+            "root": roles["root"],
+            "sub": roles["sub"],
+            "total_calls": len(records),
+            "total_input_tokens": sum(r.usage.input_tokens for r in records),
+            "total_output_tokens": sum(r.usage.output_tokens for r in records),
+            "unpriced_models": unpriced,
+            "cost_complete": not unpriced,
+            "usage_estimated": any(r.usage.estimated for r in records),
+        }
+
+
+def _totals(records: list[CallRecord]) -> dict:
+    usage = sum((r.usage for r in records), Usage())
+    return {
+        "models": sorted({r.model for r in records}),
+        "calls": len(records),
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "cost": float(sum(r.cost for r in records if r.cost is not None)),
+    }

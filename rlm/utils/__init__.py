@@ -1,0 +1,1 @@
+"""Utilities: model clients, prompts and tracing."""

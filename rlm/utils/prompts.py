@@ -1,0 +1,170 @@
+"""The prompts the root model sees. All prompt text lives in this one module.
+
+Three system prompts follow the structure of the RLM paper's appendix (Zhang, Kraska and
+Khattab, arXiv 2512.24601), written in our own words:
+
+- "default": for strong models; sub-calls are cheap, use them generously and read everything.
+- "cautious": for models that fire off too many tiny sub-calls; batch ~200k characters per call.
+- "small": for models with a small context window; print little, delegate reading.
+
+Placeholders in braces are filled by `system_prompt()`; a custom prompt may use them too.
+"""
+
+from __future__ import annotations
+
+from rlm.errors import ConfigError
+
+__all__ = ["PROMPTS", "system_prompt", "first_user_message", "turn_user_message", "context_summary"]
+
+_COMMON_TOOLS = """\
+You answer a question about a context that is too large to read at once. The context is not in \
+this conversation: it is loaded into a persistent Python REPL that you drive by writing code. \
+The REPL gives you:
+
+1. `context`: the full input (its type and size are given below). Look at it through code.
+2. `llm_query(prompt: str) -> str`: asks a sub-model and returns its reply. The sub-model \
+can read about {sub_chars} characters per call, far more than you should print here. Put the \
+text it must read inside the prompt.
+3. `llm_query_batched(prompts: list[str]) -> list[str]`: many `llm_query` calls at once, run \
+concurrently; replies come back in the same order. Much faster than a loop of single calls.
+4. `print()`: the only way to see results. Output longer than {max_output} characters is cut in \
+the middle, so print summaries and slices, not whole documents.
+5. `SHOW_VARS()`: the variables you have made so far.
+
+Variables, functions and imports persist from one code block to the next. To run code, put it \
+in a fenced block tagged repl:
+
+```repl
+print(type(context), len(context))
+print(context[:500])
+```
+
+Blocks in one reply run in order. You see their output in the next message."""
+
+_STRATEGY_DEFAULT = """\
+How to work:
+- First learn the shape of the context: its type, size, how it is divided (lines, records, \
+documents, headers). Print small samples.
+- Then decide how to split it: by its natural structure where it has one, else into pieces of \
+a few hundred thousand characters.
+- Sub-calls are cheap and strong: use them a lot. Give each piece to `llm_query` (or all \
+pieces at once to `llm_query_batched`) with a precise instruction, keep the replies in \
+variables, and combine them, in code or with one more sub-call.
+- Make sure you have looked through the whole context, not just a sample, before you answer.
+- For exact matches (names, numbers, keys) plain Python (`re`, `str.find`, splitting) is often \
+faster and surer than a sub-call; for meaning, classification or summaries use sub-calls.
+
+For example, to collect facts from every part of a long text:
+
+```repl
+size = 200_000
+pieces = [context[i:i + size] for i in range(0, len(context), size)]
+notes = llm_query_batched([
+    f"List every fact in this text that helps answer: {{question}}\\n\\nTEXT:\\n{{piece}}"
+    for piece in pieces
+])
+for index, note in enumerate(notes):
+    print(index, note[:300])
+```"""
+
+_STRATEGY_CAUTIOUS = """\
+How to work:
+- First learn the shape of the context: its type, size and structure. Print small samples.
+- Sub-calls cost time and money. Do NOT call `llm_query` on small strings such as a single \
+line or record. Batch instead: pack about 200,000 characters into each sub-call, so that a \
+context of N characters takes about N / 200,000 calls in total.
+- Prefer one `llm_query_batched` over a loop of `llm_query`.
+- Use plain Python (`re`, `str.find`, counting, sorting) for anything exact; keep sub-calls for \
+reading and judging meaning.
+- Make sure the whole context has been covered before you answer.
+
+For example:
+
+```repl
+size = 200_000
+pieces = [context[i:i + size] for i in range(0, len(context), size)]
+print(len(pieces), "pieces")
+answers = llm_query_batched([
+    f"From the text below, extract what answers: {{question}}\\n\\nTEXT:\\n{{piece}}"
+    for piece in pieces
+])
+```"""
+
+_STRATEGY_SMALL = """\
+How to work:
+- Your own context window is small. Never print more than a couple of thousand characters at a \
+time; print lengths, counts and short slices.
+- Delegate reading to sub-calls: split the context into pieces of at most {sub_chars} \
+characters and send them with `llm_query_batched`.
+- Keep intermediate results in variables and print only short summaries of them.
+- Combine results in code when you can; if they are long, summarise them with one more \
+sub-call rather than printing them."""
+
+_FINISH = """\
+When you are done, give your answer in one of two ways, on a line of its own, outside any code \
+block:
+- FINAL(your answer here) to answer with text;
+- FINAL_VAR(variable_name) to answer with the value of a REPL variable you have made.
+You can also call FINAL(value) or FINAL_VAR("name") from inside a repl block.
+
+Work step by step: say briefly what you will do next, then do it in a repl block in the same \
+reply. Do not just describe a plan. Do not give a final answer until you have checked it \
+against the context."""
+
+PROMPTS: dict[str, str] = {
+    "default": "\n\n".join([_COMMON_TOOLS, _STRATEGY_DEFAULT, _FINISH]),
+    "cautious": "\n\n".join([_COMMON_TOOLS, _STRATEGY_CAUTIOUS, _FINISH]),
+    "small": "\n\n".join([_COMMON_TOOLS, _STRATEGY_SMALL, _FINISH]),
+}
+
+_MAX_CHUNKS_SHOWN = 100
+
+
+def system_prompt(name_or_text: str = "default", *, sub_chars: int = 500_000, max_output: int = 500_000) -> str:
+    """The system prompt called `name_or_text` ("default", "cautious", "small"), or a custom text.
+
+    A custom prompt is any string that is not one of those names; its `{sub_chars}` and
+    `{max_output}` placeholders are filled, other braces are left alone.
+    """
+    if name_or_text in PROMPTS:
+        template = PROMPTS[name_or_text].replace("{{", "\0<").replace("}}", "\0>")
+    elif not name_or_text or not name_or_text.strip():
+        raise ConfigError(f"system_prompt must be one of {sorted(PROMPTS)} or a non-empty prompt text")
+    elif len(name_or_text) < 40 and " " not in name_or_text.strip():
+        raise ConfigError(f"unknown prompt name {name_or_text!r}; choose one of {sorted(PROMPTS)} or pass full text")
+    else:
+        template = name_or_text
+    filled = template.replace("{sub_chars}", f"{sub_chars:,}").replace("{max_output}", f"{max_output:,}")
+    return filled.replace("\0<", "{").replace("\0>", "}")
+
+
+def context_summary(info: dict) -> str:
+    """One paragraph telling the model what `context` is, without any of its content."""
+    lengths = info.get("chunk_lengths", [])
+    count = info.get("chunk_count", len(lengths))
+    shown = ", ".join(f"{n:,}" for n in lengths[:_MAX_CHUNKS_SHOWN])
+    more = f", ... and {count - _MAX_CHUNKS_SHOWN:,} more" if count > _MAX_CHUNKS_SHOWN else ""
+    noun = "chunk" if count == 1 else "chunks"
+    return (
+        f"Your context is a {info.get('type', 'value')} with {info.get('total_length', 0):,} total characters, "
+        f"in {count:,} {noun} of lengths [{shown}{more}]."
+    )
+
+
+def first_user_message(query: str, info: dict) -> str:
+    """The first user turn: what the context is, the question, and a nudge to look first."""
+    return (
+        f"{context_summary(info)}\n\n"
+        f"Question: {query}\n\n"
+        "You have not looked at the context yet. Start by exploring it in the REPL; do not give a "
+        "final answer in this reply."
+    )
+
+
+def turn_user_message(query: str, observations: str) -> str:
+    """A later user turn: what the REPL printed, then the question again."""
+    return (
+        f"{observations}\n\n"
+        f"Reminder of the question: {query}\n\n"
+        "Continue with more repl code, or, if you are sure, answer with FINAL(...) or FINAL_VAR(name)."
+    )

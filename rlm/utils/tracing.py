@@ -1,0 +1,178 @@
+"""Trajectories: a typed, versioned stream of events for every step of a run.
+
+Each event has `type`, `v` (schema version), `run_id`, `parent_id`, `depth` and `ts` (Unix
+time). Root-model calls record only the messages added since the previous call (the
+conversation only appends), so a trajectory grows linearly with the work, not quadratically.
+
+Sinks: the tracer always keeps events in memory; with a log directory (`log_dir=` or
+`RLM_LOG_DIR`) it also appends each event to `<log_dir>/<run_id>.jsonl`. Without one, nothing
+is written and no folder is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Event",
+    "RunStart",
+    "LLMCall",
+    "SubCall",
+    "CodeExec",
+    "Final",
+    "ErrorEvent",
+    "RunEnd",
+    "Tracer",
+    "new_run_id",
+    "resolve_log_dir",
+]
+
+SCHEMA_VERSION = 1
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus random hex."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+@dataclass(kw_only=True)
+class Event:
+    """Fields every event has."""
+
+    type: ClassVar[str] = "event"
+    run_id: str
+    parent_id: str | None = None
+    depth: int = 0
+    ts: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "v": SCHEMA_VERSION, **dataclasses.asdict(self)}
+
+
+@dataclass(kw_only=True)
+class RunStart(Event):
+    type: ClassVar[str] = "run_start"
+    query: str
+    context: dict
+    root_model: str
+    sub_model: str
+    sandbox: str
+    max_iterations: int
+    system_prompt: str
+
+
+@dataclass(kw_only=True)
+class LLMCall(Event):
+    """A root-model call: the messages appended since the last call, and the reply."""
+
+    type: ClassVar[str] = "llm_call"
+    turn: int
+    model: str
+    new_messages: list[dict]
+    message_count: int
+    reply: str
+    usage: dict
+    cost: float | None
+    latency: float
+    finish_reason: str | None = None
+    shortened_outputs: int = 0
+
+
+@dataclass(kw_only=True)
+class SubCall(Event):
+    """One `llm_query` answered by the sub-model (or failed: `error` is set)."""
+
+    type: ClassVar[str] = "sub_call"
+    turn: int
+    model: str
+    prompt: str
+    reply: str
+    usage: dict
+    cost: float | None
+    latency: float
+    batch_index: int | None = None
+    error: str | None = None
+
+
+@dataclass(kw_only=True)
+class CodeExec(Event):
+    type: ClassVar[str] = "exec"
+    turn: int
+    index: int
+    code: str
+    stdout: str
+    stderr: str
+    error: str | None
+    timed_out: bool
+    restarted: bool
+    duration: float
+
+
+@dataclass(kw_only=True)
+class Final(Event):
+    type: ClassVar[str] = "final"
+    turn: int
+    answer: str
+    source: str  # "reply" (a FINAL line) or "code" (FINAL called in a cell)
+
+
+@dataclass(kw_only=True)
+class ErrorEvent(Event):
+    type: ClassVar[str] = "error"
+    turn: int
+    kind: str
+    message: str
+
+
+@dataclass(kw_only=True)
+class RunEnd(Event):
+    type: ClassVar[str] = "run_end"
+    status: str  # "answered", "max_iterations" or "error"
+    answer: str | None
+    turns: int
+    duration: float
+    usage: dict
+
+
+def resolve_log_dir(log_dir: str | os.PathLike | None) -> Path | None:
+    """The argument, else `RLM_LOG_DIR`, else None (no files)."""
+    value = log_dir if log_dir is not None else os.environ.get("RLM_LOG_DIR")
+    return Path(value).expanduser() if value else None
+
+
+class Tracer:
+    """Collects events in memory, writes them as JSONL when given a directory, tells listeners."""
+
+    def __init__(self, log_dir: Path | None = None, listeners: list[Callable[[Event], None]] | None = None) -> None:
+        self.log_dir = log_dir
+        self.listeners = list(listeners or [])
+        self.events: list[Event] = []
+        self.path: Path | None = None
+        self._lock = threading.Lock()
+
+    def start(self, run_id: str) -> None:
+        """Begin a new run: forget old events, open its file if logging."""
+        with self._lock:
+            self.events = []
+            self.path = None
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                self.path = self.log_dir / f"{run_id}.jsonl"
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            self.events.append(event)
+            if self.path is not None:
+                with open(self.path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
+        for listener in self.listeners:
+            listener(event)
