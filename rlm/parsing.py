@@ -3,9 +3,10 @@
 The rules (also in the README):
 - Code runs only from fences whose info string is `repl`; every such block runs, in order.
 - A final answer is a line that starts (after indentation) with `FINAL(` or `FINAL_VAR(`,
-  outside every code fence. FINAL's answer runs to the last `)` before the next fence or the
-  end of the reply, so it may span lines and contain parentheses; a quoted Python string
-  literal is unquoted. FINAL_VAR names one variable of the REPL.
+  outside every code fence. When the `)` closing `FINAL(` is the last `)` of its line, the
+  answer ends there (prose after it is not part of the answer); otherwise it runs to the last
+  `)` before the next fence or the end of the reply, so it may span lines and contain
+  parentheses. A quoted Python string literal is unquoted. FINAL_VAR names one variable.
 - A FINAL line inside a fence other than ```repl is not an answer; the model is told.
 """
 
@@ -76,9 +77,8 @@ def _take_block(block: CodeBlock, parsed: ParsedReply) -> None:
         )
     elif block.lang in _CODE_LANGS:
         parsed.other_code_blocks += 1
-        parsed.problems.append(
-            f"A ```{block.lang} block was not run: only blocks fenced as ```repl are executed."
-        )
+        fence = f"```{block.lang} block" if block.lang else "code block fenced with a bare ```"
+        parsed.problems.append(f"A {fence} was not run: only blocks fenced as ```repl are executed.")
 
 
 def _segments(text: str) -> list[str | CodeBlock]:
@@ -118,12 +118,24 @@ def _find_final(segments: list[str | CodeBlock]) -> tuple[FinalLine | None, str 
         rest = [segment[match.end() :]]
         if match.group(1) == "FINAL_VAR":
             return _final_var(rest[0])
+        if _closes_on_its_line(rest[0]):
+            return _final(match.group(1), rest[0])
         for following in segments[position + 1 :]:
             if isinstance(following, CodeBlock):
                 break
             rest.append(following)
         return _final(match.group(1), "\n".join(rest))
     return None, None
+
+
+def _closes_on_its_line(rest: str) -> bool:
+    """True when the `(` of `FINAL(` is closed by the last `)` of its own line."""
+    depth = 1
+    for position, char in enumerate(rest):
+        depth += 1 if char == "(" else -1 if char == ")" else 0
+        if depth == 0:
+            return ")" not in rest[position + 1 :]
+    return False
 
 
 def _final(kind: str, rest: str) -> tuple[FinalLine | None, str | None]:

@@ -26,6 +26,9 @@ __all__ = ["RLM_REPL"]
 
 _CHARS_PER_TOKEN_SAFE = 3  # conservative: code and numbers pack fewer characters per token
 _SHORTENED_OUTPUT = 2_000
+# Room for block labels, omission markers and notes, so that cutting a whole turn's feedback
+# does not cut away the marker that states a stream's true length.
+_FEEDBACK_ROOM = 4_096
 
 
 @dataclasses.dataclass
@@ -103,6 +106,7 @@ class RLM_REPL(RLM):
         options = {"api_url": api_url, "api_key": api_key, "timeout": request_timeout, "max_retries": max_retries}
         self.client: LLMClient = client or OpenAICompatibleClient(model, **options)
         self.sub_client: LLMClient = sub_client or OpenAICompatibleClient(recursive_model, **options)
+        self._owned_clients = [c for c, given in ((self.client, client), (self.sub_client, sub_client)) if given is None]
         self.ledger = UsageLedger()
         self.tracer = Tracer(resolve_log_dir(log_dir), [on_event] if on_event else None)
 
@@ -144,6 +148,18 @@ class RLM_REPL(RLM):
         self.ledger.clear()
         self.tracer.events = []
 
+    def close(self) -> None:
+        """Release the HTTP connections of the clients this object made (not ones passed in)."""
+        for owned in self._owned_clients:
+            owned.close()
+        self._owned_clients = []
+
+    def __enter__(self) -> "RLM_REPL":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     @property
     def trace(self) -> list[Event]:
         """Events of the last (or current) run."""
@@ -176,7 +192,7 @@ class RLM_REPL(RLM):
                 if outcome.answer is not None:
                     self.tracer.emit(Final(run_id=run_id, turn=turn, answer=outcome.answer, source=outcome.source))
                     return outcome.answer
-                observations = truncate_middle("\n\n".join(outcome.feedback), self.max_output_length)
+                observations = truncate_middle("\n\n".join(outcome.feedback), self.max_output_length + _FEEDBACK_ROOM)
                 conversation.add_observation(prompts.turn_user_message(query, observations))
         return None
 

@@ -12,6 +12,7 @@ always starts with a system message; `llm_query` sends a single user message.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections import deque
@@ -138,6 +139,7 @@ class FakeOpenAIServer:
         self.latency = latency
         self.models_reply = models_reply
         self.requests: list[dict] = []
+        self.request_headers: list[dict[str, str]] = []  # headers of every request, GET included
         self._root = _from_script(root, "root") if root is not None else None
         self._sub = _from_script(sub, "sub") if sub is not None else (lambda request: "ok")
         self._responder = responder
@@ -169,9 +171,11 @@ class FakeOpenAIServer:
         return [request for request in requests if is_root_request(request) == root]
 
     def start(self) -> "FakeOpenAIServer":
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-openai", daemon=True)
+        self._server = _Server(("127.0.0.1", 0), _handler_for(self))
+        # A short poll interval: stop() waits up to one interval for the serving loop to notice.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, name="fake-openai", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -206,6 +210,10 @@ class FakeOpenAIServer:
             reply = self._sub(request)
         return reply if isinstance(reply, FakeReply) else FakeReply(content=reply)
 
+    def _record_headers(self, headers: dict[str, str]) -> None:
+        with self._lock:
+            self.request_headers.append(headers)
+
     def _models_body(self) -> dict:
         entries = []
         for name in self.models:
@@ -218,6 +226,11 @@ class FakeOpenAIServer:
     def _wait(self, seconds: float) -> None:
         if seconds > 0:
             self._stopping.wait(seconds)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default 5 drops connections when 16+ sub-calls arrive at once
 
 
 def _completion_body(request: dict, reply: FakeReply) -> dict:
@@ -247,10 +260,16 @@ def _handler_for(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def setup(self) -> None:
+            super().setup()
+            # Without this, a response split over two writes waits ~40 ms for a delayed ACK.
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
         def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
             return None
 
         def do_GET(self) -> None:
+            server._record_headers(dict(self.headers))
             if self.path.rstrip("/").endswith("/models"):
                 if server.models_reply is not None:
                     self._send_reply({}, server.models_reply, lambda: {})
@@ -260,6 +279,7 @@ def _handler_for(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}).encode())
 
         def do_POST(self) -> None:
+            server._record_headers(dict(self.headers))
             length = int(self.headers.get("Content-Length") or 0)
             try:
                 request = json.loads(self.rfile.read(length) or b"{}")

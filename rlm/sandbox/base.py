@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-__all__ = ["ContextSource", "ExecResult", "LLMBridge", "Sandbox", "SubCallFailed"]
+__all__ = ["ContextSource", "ExecResult", "LLMBridge", "Sandbox", "SubCallFailed", "result_from_session", "timeout_message"]
 
 
 class SubCallFailed(Exception):
@@ -50,6 +50,23 @@ class ExecResult:
     timed_out: bool = False
     restarted: bool = False
     duration: float = 0.0
+
+
+def timeout_message(timeout: float) -> str:
+    """What the model is told when a cell was interrupted at its time limit."""
+    return f"The cell ran past its {timeout:g} s limit and was interrupted. Variables are kept."
+
+
+def result_from_session(outcome: dict, *, timed_out: bool, timeout: float) -> ExecResult:
+    """An ExecResult from the dict `Session.execute` returns (in a worker or in process)."""
+    return ExecResult(
+        stdout=outcome.get("stdout", ""),
+        stderr=outcome.get("stderr", ""),
+        error=timeout_message(timeout) if timed_out else outcome.get("error"),
+        final=outcome.get("final"),
+        timed_out=timed_out,
+        duration=outcome.get("duration", 0.0),
+    )
 
 
 class Sandbox(abc.ABC):

@@ -14,7 +14,7 @@ import ctypes
 import threading
 import time
 
-from rlm.sandbox.base import ContextSource, ExecResult, LLMBridge, Sandbox, SubCallFailed
+from rlm.sandbox.base import ContextSource, ExecResult, LLMBridge, Sandbox, SubCallFailed, result_from_session
 from rlm.sandbox.worker import LLMQueryError, Session
 
 __all__ = ["InProcessSandbox"]
@@ -22,6 +22,10 @@ __all__ = ["InProcessSandbox"]
 
 class _CellTimeout(BaseException):
     """Raised asynchronously in a cell's thread when it runs past its limit."""
+
+
+class _HostFailure(BaseException):
+    """Unwinds model code when the host failed to answer a sub-call; `run` then re-raises the cause."""
 
 
 class InProcessSandbox(Sandbox):
@@ -33,12 +37,18 @@ class InProcessSandbox(Sandbox):
     def __init__(self, bridge: LLMBridge) -> None:
         self._bridge = bridge
         self._session: Session | None = Session(self._call_bridge, process_wide=False)
+        self._host_failure: Exception | None = None
 
     def _call_bridge(self, kind: str, prompts: list[str]) -> list[str]:
         try:
             return self._bridge(kind, prompts)
         except SubCallFailed as exc:
             raise LLMQueryError(str(exc)) from None
+        except Exception as exc:
+            # A failure of ours (endpoint down, say) fails the run, as in the worker sandbox;
+            # kept aside so that model code catching the exception cannot hide it.
+            self._host_failure = exc
+            raise _HostFailure() from None
 
     def load_context(self, source: ContextSource) -> dict:
         session = self._require()
@@ -57,18 +67,10 @@ class InProcessSandbox(Sandbox):
             outcome = {"error": None, "stdout": "", "stderr": ""}
         finally:
             watchdog.cancel()
-        error = outcome.get("error")
-        timed_out = watchdog.fired
-        if timed_out:
-            error = f"The cell ran past its {timeout:g} s limit and was interrupted. Variables are kept."
-        return ExecResult(
-            stdout=outcome.get("stdout", ""),
-            stderr=outcome.get("stderr", ""),
-            error=error,
-            final=outcome.get("final"),
-            timed_out=timed_out,
-            duration=outcome.get("duration", 0.0),
-        )
+        failure, self._host_failure = self._host_failure, None
+        if failure is not None:
+            raise failure
+        return result_from_session(outcome, timed_out=watchdog.fired, timeout=timeout)
 
     def get_variable(self, name: str) -> dict:
         return self._require().get_variable(name)

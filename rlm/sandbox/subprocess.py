@@ -25,7 +25,7 @@ from pathlib import Path
 
 import rlm
 from rlm.errors import SandboxError
-from rlm.sandbox.base import ContextSource, ExecResult, LLMBridge, Sandbox, SubCallFailed
+from rlm.sandbox.base import ContextSource, ExecResult, LLMBridge, Sandbox, SubCallFailed, result_from_session
 from rlm.sandbox.protocol import FrameReader, ProtocolError, write_frame
 
 __all__ = ["SubprocessSandbox"]
@@ -190,7 +190,8 @@ class SubprocessSandbox(Sandbox):
                 worker.send(self._answer(message))
                 deadline += time.monotonic() - started
             elif message["op"] == "result":
-                return _result(message, timed_out=interrupted, timeout=timeout)
+                stopped_by_us = interrupted and bool(message.get("interrupted"))
+                return result_from_session(message, timed_out=stopped_by_us, timeout=timeout)
             else:
                 raise SandboxError(f"unexpected message from the REPL worker: {message.get('op')!r}")
 
@@ -224,20 +225,6 @@ class SubprocessSandbox(Sandbox):
     def close(self) -> None:
         self._finalizer()
         self._worker = None
-
-
-def _result(message: dict, *, timed_out: bool, timeout: float) -> ExecResult:
-    error = message.get("error")
-    if timed_out and message.get("interrupted"):
-        error = f"The cell ran past its {timeout:g} s limit and was interrupted. Variables are kept."
-    return ExecResult(
-        stdout=message.get("stdout", ""),
-        stderr=message.get("stderr", ""),
-        error=error,
-        final=message.get("final"),
-        timed_out=timed_out,
-        duration=message.get("duration", 0.0),
-    )
 
 
 def _cleanup(scratch: Path, workers: list) -> None:

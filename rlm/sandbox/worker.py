@@ -205,7 +205,7 @@ class Session:
         }
 
     def _run(self, code: str, filename: str, max_output: int) -> None:
-        tree = ast.parse(code, filename)
+        tree = compile(code, filename, "exec", ast.PyCF_ONLY_AST)  # not ast.parse: its frame would show in tracebacks
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
         body = compile(tree, filename, "exec")
         tail = compile(ast.Expression(last.value), filename, "eval") if last is not None else None

@@ -28,12 +28,13 @@ __all__ = [
     "resolve_api_url",
     "resolve_api_key",
     "estimate_tokens",
+    "context_window_of",
 ]
 
 DEFAULT_API_URL = "http://localhost:8080/v1"
 _CHARS_PER_TOKEN = 4
 # Keys under which servers report a model's context window in GET /models.
-_WINDOW_KEYS = ("context_window", "context_length", "max_model_len", "max_context_length", "n_ctx", "n_ctx_train")
+_WINDOW_KEYS = ("context_window", "context_length", "max_model_len", "max_context_length", "n_ctx")
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,12 @@ class OpenAICompatibleClient:
             return None
         for entry in listing:
             if entry.get("id") == self.model:
-                return _window_of(entry)
+                return context_window_of(entry)
         return None
+
+    def close(self) -> None:
+        """Release the HTTP connections (the client cannot be used afterwards)."""
+        self._sdk.close()
 
     def complete(self, messages: list[dict], *, max_tokens: int | None = None) -> Completion:
         params: dict[str, Any] = {"model": self.model, "messages": messages}
@@ -177,7 +182,8 @@ class OpenAICompatibleClient:
         return _completion(payload, messages, self.model, time.perf_counter() - started, self.base_url)
 
 
-def _window_of(entry: dict) -> int | None:
+def context_window_of(entry: dict) -> int | None:
+    """The context window a `GET /models` entry reports (under any of the usual keys), or None."""
     for source in (entry, entry.get("meta") or {}):
         for key in _WINDOW_KEYS:
             value = source.get(key)

@@ -1,0 +1,180 @@
+"""The `rlm` command: `rlm ask QUERY --context PATH`, `rlm models`, `rlm --version`.
+
+Thin on purpose: it reads options, builds an `RLM_REPL`, prints the answer alone on stdout
+(or one JSON object with --json), shows progress and errors on stderr, and exits with a code
+from `rlm.cli.exits`, the one place they are defined.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rlm import __version__
+from rlm.cli.exits import BadInput, ExitCode, Failure, failure_for, no_answer
+from rlm.cli.progress import Progress
+from rlm.errors import RLMError
+from rlm.sandbox import SANDBOXES
+from rlm.utils.prompts import PROMPTS
+
+__all__ = ["app", "run"]
+
+app = typer.Typer(name="rlm", no_args_is_help=True, add_completion=False)
+
+_API_URL_HELP = "OpenAI-compatible endpoint (default: $RLM_API_URL, else http://localhost:8080/v1)."
+_RETRIES_HELP = "Retries of a failed request (429, 5xx, connection errors) before giving up."
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"rlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Recursive Language Models: answer questions over contexts far larger than a model's window."""
+
+
+@app.command()
+def ask(
+    query: Annotated[str, typer.Argument(metavar="QUERY", help="The question to answer about the context.")],
+    context: Annotated[str, typer.Option("--context", "-c", help="Text file with the context, or - for stdin.")],
+    model: Annotated[str, typer.Option(help="Root model, or 'auto' for the endpoint's first model.")] = "auto",
+    sub_model: Annotated[str, typer.Option(help="Sub-model for llm_query, or 'auto'.")] = "auto",
+    api_url: Annotated[str | None, typer.Option(help=_API_URL_HELP)] = None,
+    max_iterations: Annotated[int, typer.Option(min=1, help="Root turns before giving up.")] = 20,
+    sandbox: Annotated[
+        str, typer.Option(metavar="|".join(SANDBOXES), help="Where model code runs ('inprocess': no isolation).")
+    ] = "subprocess",
+    exec_timeout: Annotated[
+        float | None, typer.Option(show_default="120", help="Seconds one code cell may run.")
+    ] = None,
+    prompt: Annotated[str, typer.Option(metavar="|".join(PROMPTS), help="System prompt to use.")] = "default",
+    log_dir: Annotated[
+        Path | None, typer.Option(help="Write the run's trajectory as JSONL here (default: $RLM_LOG_DIR).")
+    ] = None,
+    max_retries: Annotated[int, typer.Option(min=0, help=_RETRIES_HELP)] = 3,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, status, usage.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No status line on stderr.")] = False,
+) -> None:
+    """Answer QUERY about a context too large for the model's window; the answer alone goes to stdout."""
+    progress = Progress.for_stderr(max_iterations, quiet=quiet)
+    answer: str | None = None
+    failure: Failure | None = None
+    engine = None
+    try:
+        source = _read_context(context, quiet=quiet)
+        from rlm.rlm_repl import RLM_REPL
+
+        engine = RLM_REPL(
+            model, sub_model, max_iterations,
+            api_url=api_url, sandbox=sandbox, system_prompt=prompt, max_retries=max_retries,
+            log_dir=str(log_dir) if log_dir is not None else None, on_event=progress,
+            **({"exec_timeout": exec_timeout} if exec_timeout is not None else {}),
+        )
+        with progress:
+            answer = engine.completion(context=source, query=query)
+    except (RLMError, BadInput, KeyboardInterrupt) as exc:
+        failure = failure_for(exc)
+    trajectory = engine.tracer.path if engine is not None else None
+    if engine is not None:
+        engine.close()
+    if answer is None and failure is None:
+        failure = no_answer(max_iterations)
+    if json_output:
+        typer.echo(json.dumps(_report(answer, failure, progress, trajectory), ensure_ascii=False))
+    elif answer is not None:
+        typer.echo(answer)
+    if trajectory is not None and not quiet:
+        _say(f"trajectory: {trajectory}")
+    if failure is not None:
+        _say(failure.message)
+        raise typer.Exit(int(failure.code))
+
+
+@app.command()
+def models(
+    api_url: Annotated[str | None, typer.Option(help=_API_URL_HELP)] = None,
+    max_retries: Annotated[int, typer.Option(min=0, help=_RETRIES_HELP)] = 3,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """List the endpoint's models (id, and context window when the server tells it)."""
+    from rlm.utils.llm import OpenAICompatibleClient, context_window_of
+
+    try:
+        client = OpenAICompatibleClient(api_url=api_url, max_retries=max_retries)
+        listing = client.list_models()
+        client.close()
+    except (RLMError, KeyboardInterrupt) as exc:
+        failure = failure_for(exc)
+        _say(failure.message)
+        raise typer.Exit(int(failure.code)) from None
+    rows = [{"id": str(entry["id"]), "context_window": context_window_of(entry)} for entry in listing]
+    if json_output:
+        typer.echo(json.dumps({"api_url": client.base_url, "models": rows}, ensure_ascii=False))
+        return
+    if not rows:
+        _say(f"{client.base_url}/models lists no models; load one into your server, or name one with --model")
+    width = max((len(row["id"]) for row in rows), default=0)
+    for row in rows:
+        window = row["context_window"]
+        typer.echo(f"{row['id']:<{width}}  {window:,} tokens" if window else row["id"])
+
+
+def run() -> None:
+    """Console-script entry point (`rlm`, `python -m rlm`)."""
+    app(prog_name="rlm")
+
+
+def _read_context(option: str, *, quiet: bool) -> str | Path:
+    """A Path for a file (the sandbox reads it, never the host); the text itself for '-' (stdin)."""
+    if option != "-":
+        return Path(option)
+    if sys.stdin is None:
+        raise BadInput("--context - needs a standard input; pipe the context in, or pass a file")
+    if sys.stdin.isatty() and not quiet:
+        _say("reading the context from stdin; end it with Ctrl-D")
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        where = f"byte {exc.start}: {exc.reason}"
+        raise BadInput(f"the context on stdin is not UTF-8 text ({where}); convert it first, e.g. with iconv") from None
+    if not text.strip():
+        raise BadInput("the context read from stdin is empty; pipe it in, e.g. rlm ask QUERY --context - < file.txt")
+    return text
+
+
+def _report(answer: str | None, failure: Failure | None, progress: Progress, trajectory: Path | None) -> dict[str, Any]:
+    end = progress.end
+    if answer is not None:
+        status = "answered"
+    elif failure is not None and failure.code is ExitCode.INTERRUPTED:
+        status = "interrupted"
+    elif end is not None and end.status == "max_iterations":
+        status = "max_iterations"
+    else:
+        status = "error"
+    return {
+        "answer": answer,
+        "status": status,
+        "exit_code": int(failure.code if failure is not None else ExitCode.ANSWERED),
+        "error": failure.message if failure is not None else None,
+        "cost_summary": end.usage if end is not None else None,
+        "run_id": end.run_id if end is not None else None,
+        "turns": end.turns if end is not None else 0,
+        "duration": end.duration if end is not None else None,
+        "trajectory": str(trajectory) if trajectory is not None else None,
+    }
+
+
+def _say(line: str) -> None:
+    typer.echo(f"rlm: {line}", err=True)
