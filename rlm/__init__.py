@@ -12,35 +12,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from rlm import errors as _errors
+
 __version__ = "0.1.0"
 
-__all__ = [
-    "RLM",
-    "RLM_REPL",
-    "RLMError",
-    "ConfigError",
-    "ContextError",
-    "ClientError",
-    "EndpointUnreachable",
-    "MalformedResponse",
-    "SandboxError",
-    "__version__",
-]
+__all__ = ["RLM", "RLM_REPL", *_errors.__all__, "__version__"]
 
-_LAZY = {
-    "RLM": "rlm.rlm",
-    "RLM_REPL": "rlm.rlm_repl",
-    "RLMError": "rlm.errors",
-    "ConfigError": "rlm.errors",
-    "ContextError": "rlm.errors",
-    "ClientError": "rlm.errors",
-    "EndpointUnreachable": "rlm.errors",
-    "MalformedResponse": "rlm.errors",
-    "SandboxError": "rlm.errors",
-}
+_LAZY = {"RLM": "rlm.rlm", "RLM_REPL": "rlm.rlm_repl"}
 
 
 def __getattr__(name: str) -> Any:
+    if name in _errors.__all__:
+        return getattr(_errors, name)
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'rlm' has no attribute {name!r}")

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-__all__ = ["BoundedText", "truncate_middle", "omission_marker"]
+__all__ = ["BoundedText", "clean_text", "truncate_middle", "omission_marker"]
+
+
+def clean_text(text: str) -> str:
+    """`text` with any lone surrogate replaced by "?", so that it can be encoded as UTF-8.
+
+    Model code can make such strings (chr(0xD800), surrogateescape decoding); the HTTP client
+    and the trace writer would fail on them.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def omission_marker(omitted: int, total: int) -> str:

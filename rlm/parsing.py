@@ -3,10 +3,11 @@
 The rules (also in the README):
 - Code runs only from fences whose info string is `repl`; every such block runs, in order.
 - A final answer is a line that starts (after indentation) with `FINAL(` or `FINAL_VAR(`,
-  outside every code fence. When the `)` closing `FINAL(` is the last `)` of its line, the
-  answer ends there (prose after it is not part of the answer); otherwise it runs to the last
-  `)` before the next fence or the end of the reply, so it may span lines and contain
-  parentheses. A quoted Python string literal is unquoted. FINAL_VAR names one variable.
+  outside every code fence. FINAL's answer may span lines (up to the next fence) and contain
+  parentheses: it ends at the first `)` that closes every parenthesis opened since `FINAL(`
+  and is the last character of its line; failing that, at the first `)` that closes them
+  all. A quoted Python string (`FINAL("a) b")`) is taken whole and unquoted. FINAL_VAR names
+  one variable.
 - A FINAL line inside a fence other than ```repl is not an answer; the model is told.
 """
 
@@ -30,7 +31,6 @@ class CodeBlock:
 
     lang: str
     code: str
-    closed: bool
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,6 @@ class ParsedReply:
     repl_blocks: list[str] = field(default_factory=list)
     final: FinalLine | None = None
     problems: list[str] = field(default_factory=list)
-    other_code_blocks: int = 0
 
 
 def parse_reply(text: str | None) -> ParsedReply:
@@ -76,7 +75,6 @@ def _take_block(block: CodeBlock, parsed: ParsedReply) -> None:
             "taken as your answer. Write it on its own line outside any code block, or call it from a ```repl block."
         )
     elif block.lang in _CODE_LANGS:
-        parsed.other_code_blocks += 1
         fence = f"```{block.lang} block" if block.lang else "code block fenced with a bare ```"
         parsed.problems.append(f"A {fence} was not run: only blocks fenced as ```repl are executed.")
 
@@ -95,16 +93,14 @@ def _segments(text: str) -> list[str | CodeBlock]:
         fence, lang = opening.group(1), opening.group(2).lower()
         body: list[str] = []
         index += 1
-        closed = False
-        while index < len(lines):
+        while index < len(lines):  # an unclosed fence runs to the end of the reply
             stripped = lines[index].strip()
             if stripped.startswith(fence[0] * len(fence)) and not stripped.strip(fence[0]):
-                closed = True
                 index += 1
                 break
             body.append(lines[index])
             index += 1
-        segments.append(CodeBlock(lang=lang, code="\n".join(body), closed=closed))
+        segments.append(CodeBlock(lang=lang, code="\n".join(body)))
     return segments
 
 
@@ -118,34 +114,63 @@ def _find_final(segments: list[str | CodeBlock]) -> tuple[FinalLine | None, str 
         rest = [segment[match.end() :]]
         if match.group(1) == "FINAL_VAR":
             return _final_var(rest[0])
-        if _closes_on_its_line(rest[0]):
-            return _final(match.group(1), rest[0])
         for following in segments[position + 1 :]:
             if isinstance(following, CodeBlock):
                 break
             rest.append(following)
-        return _final(match.group(1), "\n".join(rest))
+        return _final("\n".join(rest))
     return None, None
 
 
-def _closes_on_its_line(rest: str) -> bool:
-    """True when the `(` of `FINAL(` is closed by the last `)` of its own line."""
-    depth = 1
-    for position, char in enumerate(rest):
-        depth += 1 if char == "(" else -1 if char == ")" else 0
-        if depth == 0:
-            return ")" not in rest[position + 1 :]
-    return False
-
-
-def _final(kind: str, rest: str) -> tuple[FinalLine | None, str | None]:
-    close = rest.rfind(")")
-    if close < 0:
-        return None, f"Your {kind}( has no closing parenthesis; write the whole answer as {kind}(answer)."
-    answer = _unquote(rest[:close].strip())
+def _final(rest: str) -> tuple[FinalLine | None, str | None]:
+    end = _string_literal_end(rest)
+    if end is None:
+        end = _closing_paren(rest)
+    if end is None:
+        return None, "Your FINAL( has no closing parenthesis; write the whole answer as FINAL(answer)."
+    answer = _unquote(rest[:end].strip())
     if not answer.strip():
         return None, "Your FINAL() was empty. Put the answer inside the parentheses: FINAL(your answer)."
     return FinalLine(kind="FINAL", answer=answer), None
+
+
+def _string_literal_end(rest: str) -> int | None:
+    """Where `)` follows a quoted Python string that opens the argument, as in FINAL("a)b")."""
+    if rest.lstrip()[:1] not in ("'", '"'):
+        return None
+    for seen, match in enumerate(re.finditer(r"\)", rest)):
+        if seen >= 64:
+            break
+        try:
+            value = ast.literal_eval(rest[: match.start()].strip())
+        except (ValueError, SyntaxError):
+            continue
+        if isinstance(value, str):
+            return match.start()
+    return None
+
+
+def _closing_paren(rest: str) -> int | None:
+    """The `)` that ends FINAL's argument.
+
+    The first `)` that closes every parenthesis opened since `FINAL(` and ends its line; if no
+    such `)` ends a line, the first one that closes them all (text after it is prose).
+    """
+    depth = 1
+    first_close = None
+    for position, char in enumerate(rest):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth > 0:
+                continue
+            if first_close is None:
+                first_close = position
+            line_end = rest.find("\n", position)
+            if not rest[position + 1 : None if line_end < 0 else line_end].strip():
+                return position
+    return first_close
 
 
 def _final_var(rest: str) -> tuple[FinalLine | None, str | None]:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+from rlm._text import clean_text
 from rlm.errors import ClientError, ConfigError, ContextError
 from rlm.sandbox import ContextSource, ExecResult, LLMBridge, Sandbox, SubCallFailed, create_sandbox
 from rlm.usage import CallRecord, UsageLedger, price_call
@@ -68,6 +69,7 @@ class REPLEnv:
         max_concurrency: int = 16,
         exec_timeout: float = 120.0,
         max_output_length: int = 500_000,
+        sub_calls: bool = True,
     ) -> None:
         if max_concurrency < 1:
             raise ConfigError("max_concurrency must be at least 1")
@@ -79,13 +81,18 @@ class REPLEnv:
         self.exec_timeout = exec_timeout
         self.max_output_length = max_output_length
         self.turn = 0
+        self.sub_calls = sub_calls
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="rlm-subcall")
         self._cells = 0
         self.sandbox = create_sandbox(sandbox, self._bridge) if isinstance(sandbox, str) else sandbox(self._bridge)
 
     def load_context(self, context: Any) -> dict:
-        """Load the context into the session; return its type and lengths."""
-        return self.sandbox.load_context(context_source(context))
+        """Load the context (a user value, or a checked ContextSource) into the session.
+
+        Returns its type and lengths.
+        """
+        source = context if isinstance(context, ContextSource) else context_source(context)
+        return self.sandbox.load_context(source)
 
     def run(self, code: str) -> ExecResult:
         """Run one cell of model code and record it in the trace."""
@@ -124,6 +131,8 @@ class REPLEnv:
     # -- the host side of llm_query -------------------------------------------------------
 
     def _bridge(self, kind: str, prompts: list[str]) -> list[str]:
+        if not self.sub_calls:
+            raise SubCallFailed("sub-calls are off in this run (max_depth=0): work with code alone")
         if kind == "llm_query":
             return [self._sub_call(prompts[0], None)]
         futures = [self._pool.submit(self._sub_call_quiet, prompt, index) for index, prompt in enumerate(prompts)]
@@ -146,7 +155,7 @@ class REPLEnv:
         client = self.sub_client
         started = time.perf_counter()
         try:
-            completion = client.complete([{"role": "user", "content": prompt}])
+            completion = client.complete([{"role": "user", "content": clean_text(prompt)}])
         except ClientError as exc:
             self._trace_sub(prompt, "", None, None, time.perf_counter() - started, batch_index, str(exc))
             if exc.is_request_error:

@@ -14,9 +14,9 @@ from typing import Any, Callable
 from rlm._text import truncate_middle
 from rlm.errors import ConfigError
 from rlm.parsing import ParsedReply, parse_reply
-from rlm.repl import REPLEnv, SandboxFactory
+from rlm.repl import REPLEnv, SandboxFactory, context_source
 from rlm.rlm import RLM
-from rlm.sandbox import ExecResult
+from rlm.sandbox import SANDBOXES, ExecResult
 from rlm.usage import CallRecord, UsageLedger, price_call
 from rlm.utils import prompts
 from rlm.utils.llm import Completion, LLMClient, OpenAICompatibleClient
@@ -83,24 +83,38 @@ class RLM_REPL(RLM):
         context_window: int | None = None,
         max_concurrency: int = 16,
         sub_call_chars: int = 500_000,
+        max_depth: int = 1,
         max_tokens: int | None = None,
         request_timeout: float = 600.0,
         max_retries: int = 3,
         log_dir: str | None = None,
         on_event: Callable[[Event], None] | None = None,
     ) -> None:
-        _require_positive(max_iterations=max_iterations, max_output_length=max_output_length,
-                          exec_timeout=exec_timeout, max_concurrency=max_concurrency, sub_call_chars=sub_call_chars)
-        if context_window is not None:
-            _require_positive(context_window=context_window)
+        _require_positive(exec_timeout=exec_timeout, request_timeout=request_timeout)
+        _require_count(max_iterations=max_iterations, max_output_length=max_output_length,
+                       max_concurrency=max_concurrency, sub_call_chars=sub_call_chars)
+        _require_count(**{k: v for k, v in (("context_window", context_window), ("max_tokens", max_tokens)) if v})
+        if max_depth not in (0, 1):
+            raise ConfigError(f"max_depth must be 0 (no sub-calls) or 1 (sub-calls to the sub-model), got {max_depth!r}")
+        if isinstance(sandbox, str) and sandbox not in SANDBOXES:
+            raise ConfigError(f"unknown sandbox {sandbox!r}; choose one of: {', '.join(SANDBOXES)}")
+        if not isinstance(sandbox, str) and not callable(sandbox):
+            raise ConfigError(f"sandbox must be a name such as 'subprocess' or a factory, got {sandbox!r}")
+        for name, given in (("client", client), ("sub_client", sub_client)):
+            if given is not None and not isinstance(given, LLMClient):
+                raise ConfigError(
+                    f"{name} must have .model, .base_url, .complete(messages) and .context_window() "
+                    "(see rlm.utils.llm.LLMClient)"
+                )
         self.max_iterations = max_iterations
         self.max_output_length = max_output_length
         self.sandbox = sandbox
         self.exec_timeout = exec_timeout
         self.max_concurrency = max_concurrency
         self.max_tokens = max_tokens
+        self.max_depth = max_depth
         self._system_prompt = prompts.system_prompt(
-            system_prompt, sub_chars=sub_call_chars, max_output=max_output_length
+            system_prompt, sub_chars=sub_call_chars, max_output=max_output_length, sub_calls=max_depth > 0
         )
         self._context_window = context_window
         options = {"api_url": api_url, "api_key": api_key, "timeout": request_timeout, "max_retries": max_retries}
@@ -123,14 +137,13 @@ class RLM_REPL(RLM):
             raise ConfigError("query must be a non-empty string")
         run_id = new_run_id()
         self.tracer.start(run_id)
-        started = time.perf_counter()
-        state = {"turns": 0}
+        state = {"turns": 0, "started": time.perf_counter(), "records": len(self.ledger.records())}
         try:
             answer = self._run(context, query, run_id, state)
         except BaseException as exc:
-            self._emit_end(run_id, "error", None, state["turns"], started, exc)
+            self._emit_end(run_id, "error", None, state, exc)
             raise
-        self._emit_end(run_id, "answered" if answer is not None else "max_iterations", answer, state["turns"], started)
+        self._emit_end(run_id, "answered" if answer is not None else "max_iterations", answer, state)
         return answer
 
     def cost_summary(self) -> dict[str, Any]:
@@ -168,6 +181,8 @@ class RLM_REPL(RLM):
     # -- the loop ----------------------------------------------------------------------------
 
     def _run(self, context: Any, query: str, run_id: str, state: dict) -> str | None:
+        source = context_source(context)  # a bad context fails before any request
+        root_model, sub_model = self.client.model, self.sub_client.model  # and the endpoint before loading
         with REPLEnv(
             sub_client=self.sub_client,
             ledger=self.ledger,
@@ -177,11 +192,12 @@ class RLM_REPL(RLM):
             max_concurrency=self.max_concurrency,
             exec_timeout=self.exec_timeout,
             max_output_length=self.max_output_length,
+            sub_calls=self.max_depth > 0,
         ) as env:
-            info = env.load_context(context)
+            info = env.load_context(source)
             self.tracer.emit(RunStart(
-                run_id=run_id, query=query, context=info, root_model=self.client.model,
-                sub_model=self.sub_client.model, sandbox=env.sandbox.name,
+                run_id=run_id, query=query, context=info, root_model=root_model,
+                sub_model=sub_model, sandbox=env.sandbox.name,
                 max_iterations=self.max_iterations, system_prompt=self._system_prompt,
             ))
             conversation = _Conversation(self._system_prompt, prompts.first_user_message(query, info))
@@ -207,7 +223,7 @@ class RLM_REPL(RLM):
             run_id=run_id, turn=turn, model=self.client.model, new_messages=new_messages,
             message_count=len(conversation.messages) - 1, reply=completion.text,
             usage=dataclasses.asdict(completion.usage), cost=cost, latency=completion.latency,
-            finish_reason=completion.finish_reason, shortened_outputs=shortened,
+            finish_reason=completion.finish_reason, shortened_outputs=shortened, reasoning=completion.reasoning,
         ))
         return completion
 
@@ -247,26 +263,27 @@ class RLM_REPL(RLM):
         elif final.kind == "FINAL":
             turn.answer, turn.source = final.answer, "reply"
         else:
-            found = env.get_variable(final.variable)
-            if not found["found"]:
-                turn.feedback.append(
-                    f"FINAL_VAR({final.variable}): there is no variable named {final.variable!r} in the REPL "
-                    f"(variables: {', '.join(found.get('names') or []) or 'none'}). Assign it in a ```repl block first."
-                )
-            elif not found["value"].strip():
+            # Resolved as a cell: turning a model-made object into text runs model code, which
+            # must have the same time limit and error reporting as any other cell.
+            result = env.run(f"FINAL_VAR({final.variable!r})")
+            if result.final is not None and result.final.strip():
+                turn.answer, turn.source = result.final, "reply"
+            elif result.final is not None:
                 turn.feedback.append(f"FINAL_VAR({final.variable}): the variable is empty, so it was not accepted.")
             else:
-                turn.answer, turn.source = found["value"], "reply"
+                turn.feedback.append(
+                    f"FINAL_VAR({final.variable}) was not accepted:\n{result.error or 'no value came back'}"
+                )
 
     def _emit_end(
-        self, run_id: str, status: str, answer: str | None, turns: int, started: float, exc: BaseException | None = None
+        self, run_id: str, status: str, answer: str | None, state: dict, exc: BaseException | None = None
     ) -> None:
         if exc is not None:
             kind = type(exc).__name__
-            self.tracer.emit(ErrorEvent(run_id=run_id, turn=turns, kind=kind, message=str(exc)))
+            self.tracer.emit(ErrorEvent(run_id=run_id, turn=state["turns"], kind=kind, message=str(exc)))
         self.tracer.emit(RunEnd(
-            run_id=run_id, status=status, answer=answer, turns=turns,
-            duration=time.perf_counter() - started, usage=self.ledger.summary(),
+            run_id=run_id, status=status, answer=answer, turns=state["turns"],
+            duration=time.perf_counter() - state["started"], usage=self.ledger.summary(since=state["records"]),
         ))
 
 
@@ -291,25 +308,31 @@ class _Conversation:
         return [dict(message) for message in self.messages[self._sent :]]
 
     def fit(self, window: int | None, reply_tokens: int | None) -> int:
-        """Shorten the oldest REPL outputs until the estimate fits `window`; return how many."""
+        """Shorten old messages until the estimate fits `window`; return how many were shortened.
+
+        The oldest REPL outputs go first, then the model's own oldest replies (never the
+        latest). If even that is not enough the request is sent as it is: the estimate is
+        cautious, and a server that still refuses it answers with a clear error.
+        """
         if not window:
             return 0
         budget = window - (reply_tokens or min(8192, window // 4))
+        replies = [i for i, m in enumerate(self.messages[:-2]) if m["role"] == "assistant"]
         count = 0
-        for index in self._observations:
+        for index in [*self._observations, *replies]:
             if self._estimate() <= budget:
                 break
             if index in self._shortened:
                 continue
-            content = self.messages[index]["content"]
-            self.messages[index] = {"role": "user", "content": truncate_middle(content, _SHORTENED_OUTPUT)}
+            message = self.messages[index]
+            self.messages[index] = {**message, "content": truncate_middle(message["content"], _SHORTENED_OUTPUT)}
             self._shortened.add(index)
             count += 1
         if count:
             last = self.messages[-1]
             last["content"] += (
-                f"\n\n(Note: to fit your context window, the REPL output of {count} earlier turn(s) was "
-                "shortened. Keep what you need in variables and print less.)"
+                f"\n\n(Note: to fit your context window, {count} earlier message(s) of this conversation "
+                "were shortened. Keep what you need in variables and print less.)"
             )
         return count
 
@@ -350,3 +373,9 @@ def _require_positive(**values: float) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def _require_count(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name} must be a positive whole number, got {value!r}")

@@ -93,9 +93,12 @@ class UsageLedger:
         with self._lock:
             self._records.clear()
 
-    def summary(self) -> dict:
-        """Totals per role, the total cost in USD, and the models whose price is unknown."""
-        records = self.records()
+    def summary(self, since: int = 0) -> dict:
+        """Totals per role, the total cost in USD, and the models whose price is unknown.
+
+        `since` skips the first records (those of earlier runs).
+        """
+        records = self.records()[since:]
         roles = {role: _totals([r for r in records if r.role == role]) for role in ("root", "sub")}
         unpriced = sorted({r.model for r in records if r.cost is None})
         return {

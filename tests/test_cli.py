@@ -295,7 +295,8 @@ def test_log_dir_writes_the_trajectory(context_file: Path, tmp_path: Path) -> No
 
 def test_exit_codes_are_the_documented_ones() -> None:
     assert {code.name: int(code) for code in ExitCode} == {
-        "ANSWERED": 0, "NO_ANSWER": 1, "BAD_INPUT": 2, "ENDPOINT": 3, "SANDBOX": 4, "INTERRUPTED": 130,
+        "ANSWERED": 0, "NO_ANSWER": 1, "BAD_INPUT": 2, "ENDPOINT": 3, "SANDBOX": 4, "INTERNAL": 70,
+        "INTERRUPTED": 130,
     }
 
 
@@ -314,7 +315,8 @@ URL = "http://127.0.0.1:9/v1"
          "check its log"),
         (ClientError(f"{URL} answered HTTP 401: no (set RLM_API_KEY)", url=URL, status=401), ExitCode.ENDPOINT,
          "RLM_API_KEY"),
-        (RLMError("some newer failure"), ExitCode.NO_ANSWER, "some newer failure"),
+        (RLMError("some newer failure"), ExitCode.INTERNAL, "some newer failure"),
+        (KeyError("oops"), ExitCode.INTERNAL, "bug in rlm"),
         (KeyboardInterrupt(), ExitCode.INTERRUPTED, "interrupted"),
     ],
 )

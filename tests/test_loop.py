@@ -342,7 +342,7 @@ def test_oldest_outputs_are_shortened_to_fit_the_window_and_the_model_is_told(ho
     assert "A" * size not in fourth[3]["content"] and "characters omitted" in fourth[3]["content"]
     assert "B" * size in fourth[5]["content"] and "C" * size in fourth[7]["content"]
     assert "to fit your context window" in last_user(fourth)
-    assert "1 earlier turn(s)" in last_user(fourth)
+    assert "1 earlier message(s)" in last_user(fourth)
     for request in requests[:3]:
         assert "to fit your context window" not in last_user(request)
     shortened = [event.shortened_outputs for event in rlm.trace if event.type == "llm_call"]

@@ -171,7 +171,6 @@ def test_final_inside_a_repl_fence_is_code_not_a_final_line() -> None:
 def test_python_blocks_are_not_run_and_the_model_is_told(lang: str) -> None:
     parsed = parse_reply("Let me look.\n" + repl("print(len(context))", lang=lang))
     assert parsed.repl_blocks == []
-    assert parsed.other_code_blocks == 1
     assert len(parsed.problems) == 1
     assert "not run" in parsed.problems[0] and "```repl" in parsed.problems[0]
 
@@ -180,7 +179,6 @@ def test_non_code_fence_is_neither_run_nor_a_problem() -> None:
     parsed = parse_reply("The record looks like:\n" + repl("name: Ada", lang="text"))
     assert parsed.repl_blocks == []
     assert parsed.problems == []
-    assert parsed.other_code_blocks == 0
 
 
 def test_repl_fence_info_string_is_case_insensitive() -> None:

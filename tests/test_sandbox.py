@@ -460,13 +460,20 @@ def test_frames_round_trip(pipe):
     read_fd, write_fd = pipe
     messages = [
         {"op": "exec", "code": "print('hi')", "max_output": 10},
-        {"op": "result", "stdout": "ünïcode ✓ \u2028 and a lone surrogate \ud800", "n": [1, 2.5, None, True]},
+        {"op": "result", "stdout": "ünïcode ✓ \u2028 and text", "n": [1, 2.5, None, True]},
         {"op": "empty"},
     ]
     for message in messages:
         write_frame(write_fd, message)
     reader = FrameReader(read_fd)
     assert [reader.read() for _ in messages] == messages
+
+
+def test_a_lone_surrogate_crosses_the_pipe_as_a_question_mark(pipe):
+    """Such text could not be sent on over HTTP or written to a trace, so it is replaced."""
+    read_fd, write_fd = pipe
+    write_frame(write_fd, {"op": "result", "stdout": "bad \ud800 text"})
+    assert FrameReader(read_fd).read() == {"op": "result", "stdout": "bad ? text"}
 
 
 def test_frames_arriving_in_pieces_are_assembled(pipe):

@@ -22,6 +22,7 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2  # missing context file, bad option value, ConfigError / ContextError
     ENDPOINT = 3  # the model endpoint is unreachable or failing (ClientError)
     SANDBOX = 4  # the REPL worker failed (SandboxError)
+    INTERNAL = 70  # a bug in rlm (EX_SOFTWARE): an exception nobody expected
     INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 
 
@@ -46,7 +47,8 @@ _TABLE: tuple[tuple[type[BaseException], ExitCode, str], ...] = (
     (EndpointUnreachable, ExitCode.ENDPOINT, ""),  # its message names the URL and the fix
     (ClientError, ExitCode.ENDPOINT, ""),  # see _client_hint
     (SandboxError, ExitCode.SANDBOX, "try again; if it fails again, --sandbox inprocess (no isolation) skips it"),
-    (RLMError, ExitCode.NO_ANSWER, ""),
+    (RLMError, ExitCode.INTERNAL, "please report this"),
+    (Exception, ExitCode.INTERNAL, "this is a bug in rlm; please report it with the command you ran"),
 )
 
 _MAX_MESSAGE = 600
@@ -66,6 +68,8 @@ def _failure(exc: BaseException, code: ExitCode, hint: str) -> Failure:
     if isinstance(exc, ClientError) and not isinstance(exc, EndpointUnreachable):
         hint = _client_hint(exc)
     text = _one_line(str(exc)) or type(exc).__name__
+    if code is ExitCode.INTERNAL:
+        text = f"{type(exc).__name__}: {text}"
     if hint:
         text = f"{text.rstrip('.')}; {hint}"
     return Failure(code, f"error: {text}")

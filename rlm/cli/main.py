@@ -8,6 +8,7 @@ from `rlm.cli.exits`, the one place they are defined.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +18,6 @@ import typer
 from rlm import __version__
 from rlm.cli.exits import BadInput, ExitCode, Failure, failure_for, no_answer
 from rlm.cli.progress import Progress
-from rlm.errors import RLMError
 from rlm.sandbox import SANDBOXES
 from rlm.utils.prompts import PROMPTS
 
@@ -83,7 +83,7 @@ def ask(
         )
         with progress:
             answer = engine.completion(context=source, query=query)
-    except (RLMError, BadInput, KeyboardInterrupt) as exc:
+    except (Exception, KeyboardInterrupt) as exc:  # every failure becomes one line and an exit code
         failure = failure_for(exc)
     trajectory = engine.tracer.path if engine is not None else None
     if engine is not None:
@@ -114,7 +114,7 @@ def models(
         client = OpenAICompatibleClient(api_url=api_url, max_retries=max_retries)
         listing = client.list_models()
         client.close()
-    except (RLMError, KeyboardInterrupt) as exc:
+    except (Exception, KeyboardInterrupt) as exc:  # one line and an exit code, never a traceback
         failure = failure_for(exc)
         _say(failure.message)
         raise typer.Exit(int(failure.code)) from None
@@ -132,7 +132,12 @@ def models(
 
 def run() -> None:
     """Console-script entry point (`rlm`, `python -m rlm`)."""
+    signal.signal(signal.SIGTERM, _terminate)  # stop like Ctrl-C: workers killed, temp files removed
     app(prog_name="rlm")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _read_context(option: str, *, quiet: bool) -> str | Path:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from rlm._text import clean_text
+
 __all__ = ["ContextSource", "ExecResult", "LLMBridge", "Sandbox", "SubCallFailed", "result_from_session", "timeout_message"]
 
 
@@ -59,11 +61,13 @@ def timeout_message(timeout: float) -> str:
 
 def result_from_session(outcome: dict, *, timed_out: bool, timeout: float) -> ExecResult:
     """An ExecResult from the dict `Session.execute` returns (in a worker or in process)."""
+    final = outcome.get("final")
+    error = timeout_message(timeout) if timed_out else outcome.get("error")
     return ExecResult(
-        stdout=outcome.get("stdout", ""),
-        stderr=outcome.get("stderr", ""),
-        error=timeout_message(timeout) if timed_out else outcome.get("error"),
-        final=outcome.get("final"),
+        stdout=clean_text(outcome.get("stdout", "")),
+        stderr=clean_text(outcome.get("stderr", "")),
+        error=clean_text(error) if error is not None else None,
+        final=clean_text(final) if final is not None else None,
         timed_out=timed_out,
         duration=outcome.get("duration", 0.0),
     )

@@ -60,13 +60,14 @@ class InProcessSandbox(Sandbox):
         session = self._require()
         watchdog = _Watchdog(threading.get_ident(), session, timeout)
         watchdog.start()
+        outcome: dict = {"error": None, "stdout": "", "stderr": ""}
         try:
-            outcome = session.execute(code, max_output)
+            try:
+                outcome = session.execute(code, max_output)
+            finally:
+                watchdog.cancel()
         except _CellTimeout:
-            # Raised between the cell's end and the watchdog's cancel: the cell had finished.
-            outcome = {"error": None, "stdout": "", "stderr": ""}
-        finally:
-            watchdog.cancel()
+            pass  # delivered just after the cell ended; the cell's own result was already lost
         failure, self._host_failure = self._host_failure, None
         if failure is not None:
             raise failure

@@ -28,7 +28,9 @@ class ProtocolError(Exception):
 
 def encode_frame(message: dict) -> bytes:
     """Encode one message as a frame."""
-    body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    # "replace": a lone surrogate made by model code becomes "?" here, so no text that cannot
+    # be encoded as UTF-8 (by the HTTP client, the trace writer) ever reaches the host.
+    body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME} byte limit")
     return _HEADER.pack(len(body)) + body
@@ -73,7 +75,7 @@ class FrameReader:
         body = bytes(self._buffer[_HEADER.size : end])
         del self._buffer[:end]
         try:
-            message = json.loads(body.decode("utf-8", "surrogatepass"))
+            message = json.loads(body.decode("utf-8", "replace"))
         except ValueError as exc:
             raise ProtocolError(f"frame is not valid JSON: {exc}") from None
         if not isinstance(message, dict) or "op" not in message:

@@ -38,14 +38,20 @@ _WRITE_CHUNK = 16 << 20
 _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from rlm.sandbox.worker import main; main()"
 
 
+# Host variables the worker may need to start Python at all; nothing else is passed on.
+_PASSED_ON = ("LD_LIBRARY_PATH",)
+
+
 def _scrubbed_env(scratch: Path) -> dict[str, str]:
-    return {
+    env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": str(scratch),
         "TMPDIR": str(scratch),
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
     }
+    env.update({name: os.environ[name] for name in _PASSED_ON if name in os.environ})
+    return env
 
 
 class _Worker:
@@ -56,7 +62,7 @@ class _Worker:
         self.stderr_path = scratch / "worker-stderr.log"
         with open(self.stderr_path, "ab") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BOOT, package_root],
+                [sys.executable, "-I", "-c", _BOOT, package_root],  # cwd is the scratch dir
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
@@ -65,15 +71,21 @@ class _Worker:
                 start_new_session=True,
             )
         self.reader = FrameReader(self.process.stdout.fileno())
-        ready = self.receive(time.monotonic() + START_TIMEOUT)
+        try:
+            ready = self.receive(time.monotonic() + START_TIMEOUT)
+        except ProtocolError:
+            ready = None
         if ready is None or ready.get("op") != "ready":
             self.kill()
-            raise SandboxError(f"the REPL worker did not start: {self.stderr_tail() or 'no output'}")
+            raise SandboxError(
+                f"the REPL worker ({sys.executable}) did not start: {self.stderr_tail() or 'no output'}. "
+                "Try sandbox='inprocess' to check the rest of your set-up."
+            )
 
     def send(self, message: dict) -> None:
         try:
             write_frame(self.process.stdin.fileno(), message)
-        except (BrokenPipeError, OSError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: the pipe was already closed
             raise ProtocolError(f"cannot write to the worker: {exc}") from None
 
     def receive(self, deadline: float | None) -> dict | None:
@@ -91,7 +103,11 @@ class _Worker:
             pipe.close()
 
     def death_note(self) -> str:
-        code = self.process.wait(timeout=5)
+        try:
+            code = self.process.wait(timeout=1)
+        except subprocess.TimeoutExpired:  # alive but talking nonsense: it cannot be trusted
+            self.kill()
+            code = self.process.returncode
         how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
         tail = self.stderr_tail()
         return how + (f"; its last output:\n{tail}" if tail else "")
@@ -113,9 +129,9 @@ class SubprocessSandbox(Sandbox):
     def __init__(self, bridge: LLMBridge) -> None:
         self._bridge = bridge
         self._scratch = Path(tempfile.mkdtemp(prefix="rlm-session-"))
-        self._source: ContextSource | None = None
         self._context_message: dict | None = None
         self._worker: _Worker | None = None
+        self._closed = False
         self._finalizer = weakref.finalize(self, _cleanup, self._scratch, [None])
         self._worker = self._start()
 
@@ -165,23 +181,32 @@ class SubprocessSandbox(Sandbox):
 
     def run(self, code: str, *, timeout: float, max_output: int) -> ExecResult:
         worker = self._require_worker()
+        started = time.monotonic()
         try:
             worker.send({"op": "exec", "code": code, "max_output": max_output})
             return self._await_result(worker, timeout)
         except ProtocolError:
             note = worker.death_note()
             self._replace_worker()
-            return ExecResult(error=f"The REPL worker process died ({note}).", restarted=True)
+            return ExecResult(
+                error=f"The REPL worker process died ({note}).", restarted=True, duration=time.monotonic() - started
+            )
 
     def _await_result(self, worker: _Worker, timeout: float) -> ExecResult:
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         interrupted = False
         while True:
             message = worker.receive(deadline)
             if message is None:
                 if interrupted:
                     self._replace_worker()
-                    return ExecResult(error=f"The cell ran past its {timeout:g} s limit.", timed_out=True, restarted=True)
+                    return ExecResult(
+                        error=f"The cell ran past its {timeout:g} s limit and did not stop when interrupted.",
+                        timed_out=True,
+                        restarted=True,
+                        duration=time.monotonic() - started,
+                    )
                 worker.interrupt()
                 interrupted = True
                 deadline = time.monotonic() + INTERRUPT_GRACE
@@ -202,13 +227,17 @@ class SubprocessSandbox(Sandbox):
             return {"op": "llm_result", "error": str(exc)}
         except BaseException:
             # The run is failing; the worker is mid-cell waiting for us, so it cannot be reused.
-            self._replace_worker()
+            # A new one is started only if another cell is run.
+            self._discard_worker()
             raise
 
-    def _replace_worker(self) -> None:
+    def _discard_worker(self) -> None:
         if self._worker is not None:
             self._worker.kill()
         self._worker = None
+
+    def _replace_worker(self) -> None:
+        self._discard_worker()
         self._worker = self._start()
         if self._context_message is not None:
             self._send_context()
@@ -218,11 +247,14 @@ class SubprocessSandbox(Sandbox):
         return {key: value for key, value in reply.items() if key != "op"}
 
     def _require_worker(self) -> _Worker:
-        if self._worker is None:
+        if self._closed:
             raise SandboxError("this REPL session is closed")
+        if self._worker is None:
+            self._replace_worker()
         return self._worker
 
     def close(self) -> None:
+        self._closed = True
         self._finalizer()
         self._worker = None
 
@@ -230,9 +262,5 @@ class SubprocessSandbox(Sandbox):
 def _cleanup(scratch: Path, workers: list) -> None:
     for worker in workers:
         if worker is not None:
-            try:
-                worker.send({"op": "shutdown"})
-            except ProtocolError:
-                pass  # already gone; the kill below makes sure
-            worker.kill()
+            worker.kill()  # nothing in the worker needs a graceful end; its scratch goes next
     shutil.rmtree(scratch, ignore_errors=True)

@@ -94,20 +94,19 @@ class _CellStream(io.TextIOBase):
         return self._sink.write(text)
 
 
-class _ThreadRouter(io.TextIOBase):
-    """Stands in for sys.stdout/sys.stderr when sessions run inside the host process.
+class _ThreadRouter:
+    """Stands in for sys.stdout/sys.stderr while cells run inside the host process.
 
-    Writes from a thread that is running a cell go to that cell's buffer; all other writes go
-    to the stream that was there before. This way concurrent cells never mix their output,
-    and the host's own printing is untouched.
+    Writes from a thread that is running a cell go to that cell's buffer; all other writes,
+    and every other attribute (encoding, fileno, buffer, isatty...), go to the stream that was
+    there before. Concurrent cells never mix their output and the host's own printing is
+    untouched. It is installed while at least one cell runs and removed after the last.
     """
 
     def __init__(self, fallback: Any) -> None:
         self.fallback = fallback
         self.local = threading.local()
-
-    def writable(self) -> bool:
-        return True
+        self.users = 0
 
     def write(self, text: str) -> int:
         target = getattr(self.local, "target", None)
@@ -117,17 +116,28 @@ class _ThreadRouter(io.TextIOBase):
         target = getattr(self.local, "target", None)
         (target or self.fallback).flush()
 
-    def isatty(self) -> bool:
-        return False
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fallback, name)
 
 
-def _router(name: str) -> _ThreadRouter:
-    current = getattr(sys, name)
-    if isinstance(current, _ThreadRouter):
+_router_lock = threading.Lock()
+
+
+def _acquire_router(name: str) -> _ThreadRouter:
+    with _router_lock:
+        current = getattr(sys, name)
+        if not isinstance(current, _ThreadRouter):
+            current = _ThreadRouter(current)
+            setattr(sys, name, current)
+        current.users += 1
         return current
-    router = _ThreadRouter(current)
-    setattr(sys, name, router)
-    return router
+
+
+def _release_router(name: str, router: _ThreadRouter) -> None:
+    with _router_lock:
+        router.users -= 1
+        if router.users == 0 and getattr(sys, name) is router:
+            setattr(sys, name, router.fallback)
 
 
 class Session:
@@ -191,6 +201,8 @@ class Session:
         except FinalAnswer as answer:
             final = answer.value
         except KeyboardInterrupt:
+            if not self._process_wide:
+                raise  # in the host process this is the user's Ctrl-C, not a cell timeout
             interrupted = True
             error = "KeyboardInterrupt: the cell was interrupted"
         except BaseException as exc:  # model code may raise anything, SystemExit included
@@ -211,6 +223,9 @@ class Session:
         tail = compile(ast.Expression(last.value), filename, "eval") if last is not None else None
         self.running_user_code = True
         try:
+            if _pending_interrupt.is_set():  # a timeout signal that came while compiling
+                _pending_interrupt.clear()
+                raise KeyboardInterrupt
             exec(body, self.namespace)
             value = eval(tail, self.namespace) if tail is not None else None
         finally:
@@ -222,10 +237,17 @@ class Session:
         return _Capture(self._process_wide, _CellStream(out), _CellStream(err))
 
     def get_variable(self, name: str) -> dict:
-        """Look up a user variable for FINAL_VAR written in the model's reply text."""
-        if name in self.namespace and name not in SCAFFOLD_NAMES and not name.startswith("__"):
+        """A user variable as answer text: {'found', 'value', 'names', 'error'}.
+
+        Converting model-made objects to text runs model code (`__str__`); its failure is
+        reported in 'error', never raised.
+        """
+        if name not in self.namespace or name in SCAFFOLD_NAMES or name.startswith("__"):
+            return {"found": False, "value": None, "names": sorted(self._user_names())}
+        try:
             return {"found": True, "value": _as_answer(self.namespace[name])}
-        return {"found": False, "value": None, "names": sorted(self._user_names())}
+        except Exception as exc:  # model-defined __str__ may raise anything; the model is told
+            return {"found": True, "value": None, "error": f"{type(exc).__name__}: {exc}"}
 
     def _restore_scaffold(self) -> None:
         self.namespace.update(self._scaffold)
@@ -256,7 +278,9 @@ class Session:
 
     def _call_llm(self, kind: str, prompts: list[str]) -> list[str]:
         # While the host answers, a timeout interrupt must not tear a frame in half: hold it
-        # and raise it once the answer is in.
+        # and raise it once the answer is in. Signals only ever reach the main thread.
+        if threading.current_thread() is not threading.main_thread():
+            return self._llm(kind, prompts)
         was_running, self.running_user_code = self.running_user_code, False
         try:
             return self._llm(kind, prompts)
@@ -287,6 +311,9 @@ class Session:
 
 
 def _as_answer(value: Any) -> str:
+    if value is None or callable(value):
+        what = "None" if value is None else f"a {type(value).__name__}"
+        raise TypeError(f"the final answer is {what}, not a value; give the answer itself, e.g. FINAL(result)")
     return value if isinstance(value, str) else str(value)
 
 
@@ -297,6 +324,7 @@ class _Capture:
         self._process_wide = process_wide
         self._streams = {"stdout": out, "stderr": err}
         self._saved: dict[str, Any] = {}
+        self._routers: dict[str, _ThreadRouter] = {}
 
     def __enter__(self) -> None:
         for name, stream in self._streams.items():
@@ -304,7 +332,7 @@ class _Capture:
                 self._saved[name] = getattr(sys, name)
                 setattr(sys, name, stream)
             else:
-                router = _router(name)
+                router = self._routers[name] = _acquire_router(name)
                 self._saved[name] = getattr(router.local, "target", None)
                 router.local.target = stream
 
@@ -313,7 +341,9 @@ class _Capture:
             if self._process_wide:
                 setattr(sys, name, saved)
             else:
-                _router(name).local.target = saved
+                router = self._routers[name]
+                router.local.target = saved
+                _release_router(name, router)
 
 
 def _format_exception(exc: BaseException) -> str:
@@ -352,15 +382,19 @@ def main() -> None:
     sys.stdin = open(os.devnull, encoding="utf-8")
     reader = FrameReader(proto_in)
 
+    bridge_lock = threading.Lock()  # model code may call llm_query from several threads
+
     def bridge(kind: str, prompts: list[str]) -> list[str]:
-        write_frame(proto_out, {"op": "llm_query", "kind": kind, "prompts": prompts})
-        reply = reader.read()
+        with bridge_lock:
+            write_frame(proto_out, {"op": "llm_query", "kind": kind, "prompts": prompts})
+            reply = reader.read()
         if reply.get("error"):
             raise LLMQueryError(reply["error"])
         return reply["results"]
 
     _session = Session(bridge, process_wide=True)
     signal.signal(signal.SIGINT, _on_sigint)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     write_frame(proto_out, {"op": "ready", "pid": os.getpid()})
     while True:
         message = reader.read()
@@ -369,6 +403,18 @@ def main() -> None:
             return
         _pending_interrupt.clear()
         write_frame(proto_out, _dispatch(_session, message))
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """If the host dies without closing us (SIGKILL, say), remove our scratch files and exit."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    scratch = os.getcwd()
+    if os.path.basename(scratch).startswith("rlm-session-"):
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    os._exit(70)
 
 
 def _dispatch(session: Session, message: dict) -> dict:

@@ -207,6 +207,8 @@ def _completion(payload: Any, messages: list[dict], model: str, latency: float, 
     try:
         choice = payload["choices"][0]
         message = choice["message"]
+        if not isinstance(message, dict):
+            raise TypeError("message is not an object")
     except (KeyError, IndexError, TypeError):
         raise MalformedResponse(
             f"the endpoint at {url} returned JSON without choices[0].message", url=url, body=json.dumps(payload)[:500]
@@ -219,7 +221,7 @@ def _completion(payload: Any, messages: list[dict], model: str, latency: float, 
         usage=_usage(payload.get("usage"), messages, text),
         model=str(payload.get("model") or model),
         latency=latency,
-        finish_reason=choice.get("finish_reason"),
+        finish_reason=choice.get("finish_reason") if isinstance(choice, dict) else None,
         content_missing=not isinstance(content, str),
         reasoning=reasoning if isinstance(reasoning, str) else None,
     )
@@ -229,10 +231,12 @@ def _usage(raw: Any, messages: list[dict], reply: str) -> Usage:
     if isinstance(raw, dict) and isinstance(raw.get("prompt_tokens"), int):
         details = raw.get("prompt_tokens_details") or {}
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        output = raw.get("completion_tokens")
         return Usage(
             input_tokens=raw["prompt_tokens"],
-            output_tokens=int(raw.get("completion_tokens") or 0),
+            output_tokens=output if isinstance(output, int) else estimate_tokens(reply),
             cached_tokens=cached if isinstance(cached, int) else 0,
+            estimated=not isinstance(output, int),
         )
     prompt_chars = sum(len(m.get("content") or "") for m in messages)
     return Usage(

@@ -14,23 +14,28 @@ from __future__ import annotations
 
 from rlm.errors import ConfigError
 
-__all__ = ["PROMPTS", "system_prompt", "first_user_message", "turn_user_message", "context_summary"]
+__all__ = ["PROMPTS", "NO_SUB_CALLS_PROMPT", "system_prompt", "first_user_message", "turn_user_message", "context_summary"]
 
-_COMMON_TOOLS = """\
+_INTRO = """\
 You answer a question about a context that is too large to read at once. The context is not in \
 this conversation: it is loaded into a persistent Python REPL that you drive by writing code. \
-The REPL gives you:
+The REPL gives you:"""
 
-1. `context`: the full input (its type and size are given below). Look at it through code.
-2. `llm_query(prompt: str) -> str`: asks a sub-model and returns its reply. The sub-model \
-can read about {sub_chars} characters per call, far more than you should print here. Put the \
-text it must read inside the prompt.
-3. `llm_query_batched(prompts: list[str]) -> list[str]`: many `llm_query` calls at once, run \
-concurrently; replies come back in the same order. Much faster than a loop of single calls.
-4. `print()`: the only way to see results. Output longer than {max_output} characters is cut in \
-the middle, so print summaries and slices, not whole documents.
-5. `SHOW_VARS()`: the variables you have made so far.
+_TOOL_CONTEXT = "`context`: the full input (its type and size are given below). Look at it through code."
+_TOOLS_SUB_CALLS = [
+    "`llm_query(prompt: str) -> str`: asks a sub-model and returns its reply. The sub-model can read "
+    "about {sub_chars} characters per call, far more than you should print here. Put the text it "
+    "must read inside the prompt.",
+    "`llm_query_batched(prompts: list[str]) -> list[str]`: many `llm_query` calls at once, run "
+    "concurrently; replies come back in the same order. Much faster than a loop of single calls.",
+]
+_TOOLS_OUTPUT = [
+    "`print()`: the only way to see results. Output longer than {max_output} characters is cut in "
+    "the middle, so print summaries and slices, not whole documents.",
+    "`SHOW_VARS()`: the variables you have made so far.",
+]
 
+_HOW_TO_RUN = """\
 Variables, functions and imports persist from one code block to the next. To run code, put it \
 in a fenced block tagged repl:
 
@@ -57,6 +62,7 @@ faster and surer than a sub-call; for meaning, classification or summaries use s
 For example, to collect facts from every part of a long text:
 
 ```repl
+question = "..."  # the question, written out in full: the sub-model has not seen it
 size = 200_000
 pieces = [context[i:i + size] for i in range(0, len(context), size)]
 notes = llm_query_batched([
@@ -81,6 +87,7 @@ reading and judging meaning.
 For example:
 
 ```repl
+question = "..."  # the question, written out in full: the sub-model has not seen it
 size = 200_000
 pieces = [context[i:i + size] for i in range(0, len(context), size)]
 print(len(pieces), "pieces")
@@ -100,6 +107,14 @@ characters and send them with `llm_query_batched`.
 - Combine results in code when you can; if they are long, summarise them with one more \
 sub-call rather than printing them."""
 
+_STRATEGY_NO_SUB_CALLS = """\
+How to work:
+- There is no sub-model in this run: you work with code alone.
+- First learn the shape of the context: its type, size and structure. Print small samples.
+- Search it with plain Python (`re`, `str.find`, splitting, counting) and print only what you \
+need: short matches with a little surrounding text, counts, lengths.
+- Keep intermediate results in variables; check your answer against the context before giving it."""
+
 _FINISH = """\
 When you are done, give your answer in one of two ways, on a line of its own, outside any code \
 block:
@@ -111,23 +126,35 @@ Work step by step: say briefly what you will do next, then do it in a repl block
 reply. Do not just describe a plan. Do not give a final answer until you have checked it \
 against the context."""
 
+def _assemble(strategy: str, sub_calls: bool = True) -> str:
+    tools = [_TOOL_CONTEXT, *(_TOOLS_SUB_CALLS if sub_calls else []), *_TOOLS_OUTPUT]
+    listing = "\n".join(f"{number}. {tool}" for number, tool in enumerate(tools, start=1))
+    return "\n\n".join([_INTRO + "\n\n" + listing, _HOW_TO_RUN, strategy, _FINISH])
+
+
 PROMPTS: dict[str, str] = {
-    "default": "\n\n".join([_COMMON_TOOLS, _STRATEGY_DEFAULT, _FINISH]),
-    "cautious": "\n\n".join([_COMMON_TOOLS, _STRATEGY_CAUTIOUS, _FINISH]),
-    "small": "\n\n".join([_COMMON_TOOLS, _STRATEGY_SMALL, _FINISH]),
+    "default": _assemble(_STRATEGY_DEFAULT),
+    "cautious": _assemble(_STRATEGY_CAUTIOUS),
+    "small": _assemble(_STRATEGY_SMALL),
 }
+# Used instead of any named prompt when sub-calls are off (max_depth=0).
+NO_SUB_CALLS_PROMPT = _assemble(_STRATEGY_NO_SUB_CALLS, sub_calls=False)
 
 _MAX_CHUNKS_SHOWN = 100
 
 
-def system_prompt(name_or_text: str = "default", *, sub_chars: int = 500_000, max_output: int = 500_000) -> str:
+def system_prompt(
+    name_or_text: str = "default", *, sub_chars: int = 500_000, max_output: int = 500_000, sub_calls: bool = True
+) -> str:
     """The system prompt called `name_or_text` ("default", "cautious", "small"), or a custom text.
 
     A custom prompt is any string that is not one of those names; its `{sub_chars}` and
-    `{max_output}` placeholders are filled, other braces are left alone.
+    `{max_output}` placeholders are filled, other braces are left alone. With
+    `sub_calls=False` a named prompt is replaced by the one for runs without sub-calls.
     """
     if name_or_text in PROMPTS:
-        template = PROMPTS[name_or_text].replace("{{", "\0<").replace("}}", "\0>")
+        chosen = PROMPTS[name_or_text] if sub_calls else NO_SUB_CALLS_PROMPT
+        template = chosen.replace("{{", "\0<").replace("}}", "\0>")
     elif not name_or_text or not name_or_text.strip():
         raise ConfigError(f"system_prompt must be one of {sorted(PROMPTS)} or a non-empty prompt text")
     elif len(name_or_text) < 40 and " " not in name_or_text.strip():

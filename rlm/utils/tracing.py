@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from rlm.errors import ConfigError
+
 __all__ = [
     "SCHEMA_VERSION",
     "Event",
@@ -85,6 +87,7 @@ class LLMCall(Event):
     latency: float
     finish_reason: str | None = None
     shortened_outputs: int = 0
+    reasoning: str | None = None  # the reasoning text, when the server returns it separately
 
 
 @dataclass(kw_only=True)
@@ -165,14 +168,20 @@ class Tracer:
             self.events = []
             self.path = None
             if self.log_dir is not None:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.log_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot use {str(self.log_dir)!r} as the log directory ({exc.strerror}); "
+                        "pass another log_dir / --log-dir or unset RLM_LOG_DIR"
+                    ) from None
                 self.path = self.log_dir / f"{run_id}.jsonl"
 
     def emit(self, event: Event) -> None:
         with self._lock:
             self.events.append(event)
             if self.path is not None:
-                with open(self.path, "a", encoding="utf-8") as handle:
+                with open(self.path, "a", encoding="utf-8", errors="replace") as handle:
                     handle.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
         for listener in self.listeners:
             listener(event)
