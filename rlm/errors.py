@@ -7,6 +7,8 @@
      |    +-- EndpointUnreachable    nothing answered at the URL
      |    +-- MalformedResponse      the server answered something that is not a completion
      +-- SandboxError           the REPL worker could not be started or talked to
+     |    +-- SandboxUnavailable     this machine cannot provide the isolation level asked for
+     +-- BudgetExceeded         a cost / token / call / time limit of the run was reached
 
 Errors in model-written code are not exceptions of ours: they are shown to the model.
 """
@@ -21,6 +23,8 @@ __all__ = [
     "EndpointUnreachable",
     "MalformedResponse",
     "SandboxError",
+    "SandboxUnavailable",
+    "BudgetExceeded",
 ]
 
 
@@ -69,3 +73,30 @@ class MalformedResponse(ClientError):
 
 class SandboxError(RLMError):
     """The REPL worker could not be started, or stopped talking the protocol."""
+
+
+class SandboxUnavailable(SandboxError):
+    """The isolation level asked for needs something this machine lacks; the message says what.
+
+    Raised when the sandbox is created, never later: a level is not replaced by a weaker one.
+    """
+
+
+class BudgetExceeded(RLMError):
+    """A limit of the run (`max_cost`, `max_tokens`, `max_sub_calls`, `max_time`) was reached.
+
+    `limit` names it, `allowed` and `spent` are its value and what was used when the run
+    stopped. `partial_answer` is the root model's last reply (its best attempt so far) and
+    `usage` the run's `cost_summary()`-shaped totals; both are filled in by the time the
+    exception reaches the caller.
+    """
+
+    def __init__(self, limit: str, allowed: float, spent: float) -> None:
+        super().__init__(
+            f"the run reached its {limit} limit ({spent:g} of {allowed:g}); raise {limit} or narrow the question"
+        )
+        self.limit = limit
+        self.allowed = allowed
+        self.spent = spent
+        self.partial_answer: str | None = None
+        self.usage: dict = {}

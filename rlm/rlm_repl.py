@@ -1,43 +1,32 @@
-"""`RLM_REPL`: the root loop. Ask the root model, run its code, feed the output back, stop.
+"""`RLM_REPL`: the public RLM over a persistent Python REPL (configuration and the API).
 
-One `completion()` is one run: a fresh REPL session with the context loaded, a conversation
-that only ever appends (so server-side prefix caches stay warm), and a strict end: a valid
+One `completion()` / `acompletion()` is one call tree: the root loop (see `rlm.engine`) with
+a fresh REPL session, and any child RLMs its code starts with `rlm_query`. The conversation
+only ever appends (so server-side prefix caches stay warm), and the end is strict: a valid
 FINAL / FINAL_VAR, or `max_iterations` root turns without one (then the result is None).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from rlm._text import truncate_middle
-from rlm.errors import ConfigError
-from rlm.parsing import ParsedReply, parse_reply
-from rlm.repl import REPLEnv, SandboxFactory, context_source
+from rlm.engine import Limits, Run, Settings, Tree
+from rlm.errors import BudgetExceeded, ConfigError
+from rlm.providers import resolve_client
+from rlm.repl import SandboxFactory, context_source
 from rlm.rlm import RLM
-from rlm.sandbox import SANDBOXES, ExecResult
-from rlm.usage import CallRecord, UsageLedger, price_call
+from rlm.sandbox import SANDBOXES
+from rlm.usage import UsageLedger
 from rlm.utils import prompts
-from rlm.utils.llm import Completion, LLMClient, OpenAICompatibleClient
-from rlm.utils.tracing import ErrorEvent, Event, Final, LLMCall, RunEnd, RunStart, Tracer, new_run_id, resolve_log_dir
+from rlm.utils.llm import LLMClient
+from rlm.utils.tracing import ErrorEvent, Event, RunEnd, Tracer, new_run_id, resolve_log_dir
 
 __all__ = ["RLM_REPL"]
 
-_CHARS_PER_TOKEN_SAFE = 3  # conservative: code and numbers pack fewer characters per token
-_SHORTENED_OUTPUT = 2_000
-# Room for block labels, omission markers and notes, so that cutting a whole turn's feedback
-# does not cut away the marker that states a stream's true length.
-_FEEDBACK_ROOM = 4_096
-
-
-@dataclasses.dataclass
-class _Turn:
-    """What one root reply led to: an answer, or feedback for the next turn."""
-
-    answer: str | None = None
-    source: str = ""
-    feedback: list[str] = dataclasses.field(default_factory=list)
+_TIME_GRACE = 1.1  # the hard stop comes at 110% of max_time (+1 s): calls already running may finish
 
 
 class RLM_REPL(RLM):
@@ -48,20 +37,28 @@ class RLM_REPL(RLM):
     `llm_query`, and ends with FINAL(answer) or FINAL_VAR(variable).
 
     Args:
-        model: root model name, or "auto" for the first model the endpoint lists.
-        recursive_model: sub-model for `llm_query`, or "auto".
+        model: root model: a name, "auto" (the endpoint's first model) or "provider:name"
+            (e.g. "openai:gpt-5-mini", "anthropic:claude-sonnet-4-5", "ollama:qwen3").
+        recursive_model: the sub-model, in the same forms.
         max_iterations: root turns before giving up (completion() then returns None).
         max_output_length: REPL output kept per stream before the middle is cut.
-        api_url: endpoint base URL; default `RLM_API_URL`, else http://localhost:8080/v1.
-        api_key: default `RLM_API_KEY`, else `OPENAI_API_KEY`.
-        client, sub_client: ready-made clients (anything with `complete()`); override the above.
-        sandbox: "subprocess" (default), "inprocess" (no isolation), or a factory.
+        api_url: endpoint base URL; default `RLM_API_URL`, else http://localhost:8080/v1
+            (for "provider:name" models, the provider's URL).
+        api_key: default `RLM_API_KEY`, else `OPENAI_API_KEY` (or the provider's variable).
+        client, sub_client: ready-made clients (`rlm.utils.llm.LLMClient`); override the above.
+        sandbox: "subprocess" (default), "inprocess" (no isolation), another registered
+            level, or a factory.
         exec_timeout: seconds one cell may run (time waiting for sub-calls not counted).
         system_prompt: "default", "cautious", "small", or a full custom prompt text.
         context_window: root model's window in tokens, when the server does not report it.
-        max_concurrency: most sub-calls in flight at once for `llm_query_batched`.
+        max_concurrency: most model calls in flight at once in the whole call tree.
         sub_call_chars: how much text the prompt tells the model one sub-call can take.
-        max_tokens: cap on each root reply's length (None: the server's default).
+        max_depth: 1 (default): `llm_query` is a plain sub-model call and `rlm_query` answers
+            as one; 2 or more: `rlm_query` starts a child RLM one level down; 0: no sub-calls.
+        max_cost, max_tokens, max_sub_calls, max_time: budgets of the whole call tree (USD,
+            tokens, calls below the root model, seconds); reaching one raises BudgetExceeded.
+        cache: answer identical sub-calls of a run once (default True).
+        max_reply_tokens: cap on each root reply's length (None: the server's default).
         log_dir: write each run's trajectory as JSONL here (default `RLM_LOG_DIR`; none if unset).
         on_event: called with every trace event as it happens (live progress).
     """
@@ -84,43 +81,32 @@ class RLM_REPL(RLM):
         max_concurrency: int = 16,
         sub_call_chars: int = 500_000,
         max_depth: int = 1,
+        max_cost: float | None = None,
         max_tokens: int | None = None,
+        max_sub_calls: int | None = None,
+        max_time: float | None = None,
+        cache: bool = True,
+        max_reply_tokens: int | None = None,
         request_timeout: float = 600.0,
         max_retries: int = 3,
         log_dir: str | None = None,
         on_event: Callable[[Event], None] | None = None,
     ) -> None:
-        _require_positive(exec_timeout=exec_timeout, request_timeout=request_timeout)
-        _require_count(max_iterations=max_iterations, max_output_length=max_output_length,
-                       max_concurrency=max_concurrency, sub_call_chars=sub_call_chars)
-        _require_count(**{k: v for k, v in (("context_window", context_window), ("max_tokens", max_tokens)) if v})
-        if max_depth not in (0, 1):
-            raise ConfigError(f"max_depth must be 0 (no sub-calls) or 1 (sub-calls to the sub-model), got {max_depth!r}")
-        if isinstance(sandbox, str) and sandbox not in SANDBOXES:
-            raise ConfigError(f"unknown sandbox {sandbox!r}; choose one of: {', '.join(SANDBOXES)}")
-        if not isinstance(sandbox, str) and not callable(sandbox):
-            raise ConfigError(f"sandbox must be a name such as 'subprocess' or a factory, got {sandbox!r}")
-        for name, given in (("client", client), ("sub_client", sub_client)):
-            if given is not None and not isinstance(given, LLMClient):
-                raise ConfigError(
-                    f"{name} must have .model, .base_url, .complete(messages) and .context_window() "
-                    "(see rlm.utils.llm.LLMClient)"
-                )
-        self.max_iterations = max_iterations
-        self.max_output_length = max_output_length
-        self.sandbox = sandbox
-        self.exec_timeout = exec_timeout
-        self.max_concurrency = max_concurrency
-        self.max_tokens = max_tokens
-        self.max_depth = max_depth
-        self._system_prompt = prompts.system_prompt(
-            system_prompt, sub_chars=sub_call_chars, max_output=max_output_length, sub_calls=max_depth > 0
-        )
-        self._context_window = context_window
+        _check_arguments(locals())
+        prompts.system_prompt(system_prompt)  # an unknown prompt name fails here, not mid-run
         options = {"api_url": api_url, "api_key": api_key, "timeout": request_timeout, "max_retries": max_retries}
-        self.client: LLMClient = client or OpenAICompatibleClient(model, **options)
-        self.sub_client: LLMClient = sub_client or OpenAICompatibleClient(recursive_model, **options)
+        self.client: LLMClient = client or resolve_client(model, **options)
+        self.sub_client: LLMClient = sub_client or resolve_client(recursive_model, **options)
         self._owned_clients = [c for c, given in ((self.client, client), (self.sub_client, sub_client)) if given is None]
+        self.max_iterations = max_iterations
+        self.max_depth = max_depth
+        self.limits = Limits(max_cost=max_cost, max_tokens=max_tokens, max_sub_calls=max_sub_calls, max_time=max_time)
+        self._settings = Settings(
+            root_client=self.client, sub_client=self.sub_client, max_iterations=max_iterations,
+            max_output_length=max_output_length, exec_timeout=exec_timeout, sandbox=sandbox, prompt=system_prompt,
+            sub_call_chars=sub_call_chars, context_window=context_window, reply_tokens=max_reply_tokens,
+            max_depth=max_depth, max_concurrency=max_concurrency, cache=cache, limits=self.limits,
+        )
         self.ledger = UsageLedger()
         self.tracer = Tracer(resolve_log_dir(log_dir), [on_event] if on_event else None)
 
@@ -131,28 +117,58 @@ class RLM_REPL(RLM):
 
         `context` may be a str, a list of str, a dict / list of JSON values, or a
         `pathlib.Path` to a text file. Raises `ClientError` when the endpoint fails,
-        `ContextError` for a context that cannot be loaded.
+        `ContextError` for a context that cannot be loaded, `BudgetExceeded` at a limit.
+        A thin wrapper over `acompletion()`; inside a running event loop (a notebook) it runs
+        the loop in a helper thread.
         """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.acompletion(context=context, query=query))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, self.acompletion(context=context, query=query)).result()
+
+    async def acompletion(self, context: Any, query: str) -> str | None:
+        """The same as `completion()`, awaitable: sub-calls and child runs are concurrent tasks."""
         if not isinstance(query, str) or not query.strip():
             raise ConfigError("query must be a non-empty string")
         run_id = new_run_id()
         self.tracer.start(run_id)
-        state = {"turns": 0, "started": time.perf_counter(), "records": len(self.ledger.records())}
+        tree = Tree(self._settings, self.ledger, self.tracer)
+        run = Run(tree, depth=0, parent_id=None, client=self.client, run_id=run_id)
+        status, answer = "error", None
         try:
-            answer = self._run(context, query, run_id, state)
-        except BaseException as exc:
-            self._emit_end(run_id, "error", None, state, exc)
+            source = context_source(context)  # a bad context fails before any request
+            await tree.blocking(_resolve_models, self.client, self.sub_client)  # the endpoint fails before loading
+            answer = await self._within_time(run.answer(query, source))
+            status = "answered" if answer is not None else "max_iterations"
+            return answer
+        except BudgetExceeded as exc:
+            status = "budget_exceeded"
+            exc.partial_answer = tree.last_root_reply
+            exc.usage = self.ledger.summary(since=tree.first_record)
+            self._emit_error(run_id, run.turn, exc)
             raise
-        self._emit_end(run_id, "answered" if answer is not None else "max_iterations", answer, state)
-        return answer
+        except BaseException as exc:
+            self._emit_error(run_id, run.turn, exc)
+            raise
+        finally:
+            self.tracer.emit(RunEnd(
+                run_id=run_id, status=status, answer=answer, turns=run.turn,
+                duration=time.monotonic() - tree.started, usage=self.ledger.summary(since=tree.first_record),
+            ))
+            await tree.close()
+            for used in {id(self.client): self.client, id(self.sub_client): self.sub_client}.values():
+                await used.aclose()  # async connections belong to this event loop: release them here
 
     def cost_summary(self) -> dict[str, Any]:
-        """Usage and cost since creation or `reset()`.
+        """Usage and cost since creation or `reset()`, for the whole call tree.
 
-        Keys: `total_cost` (float, USD, known prices only), `root` and `sub` (each with
-        `calls`, `input_tokens`, `output_tokens`, `cached_tokens`, `cost`, `models`),
-        `unpriced_models` (models whose price is unknown; their cost is not in the total),
-        `cost_complete`, `usage_estimated`, and grand totals.
+        Keys: `total_cost` (float, USD, known prices only), `root` (the top root model's
+        calls) and `sub` (every call below it: sub-calls and child runs), each with `calls`,
+        `input_tokens`, `output_tokens`, `cached_tokens`, `cost`, `models`; `breakdown` per
+        (role, depth, model); `cache_hits`; `unpriced_models` (their cost is not in the
+        total); `cost_complete`, `usage_estimated`, and grand totals.
         """
         return self.ledger.summary()
 
@@ -175,207 +191,58 @@ class RLM_REPL(RLM):
 
     @property
     def trace(self) -> list[Event]:
-        """Events of the last (or current) run."""
+        """Events of the last (or current) run, children's included."""
         return list(self.tracer.events)
 
-    # -- the loop ----------------------------------------------------------------------------
+    # -- helpers -----------------------------------------------------------------------------
 
-    def _run(self, context: Any, query: str, run_id: str, state: dict) -> str | None:
-        source = context_source(context)  # a bad context fails before any request
-        root_model, sub_model = self.client.model, self.sub_client.model  # and the endpoint before loading
-        with REPLEnv(
-            sub_client=self.sub_client,
-            ledger=self.ledger,
-            tracer=self.tracer,
-            run_id=run_id,
-            sandbox=self.sandbox,
-            max_concurrency=self.max_concurrency,
-            exec_timeout=self.exec_timeout,
-            max_output_length=self.max_output_length,
-            sub_calls=self.max_depth > 0,
-        ) as env:
-            info = env.load_context(source)
-            self.tracer.emit(RunStart(
-                run_id=run_id, query=query, context=info, root_model=root_model,
-                sub_model=sub_model, sandbox=env.sandbox.name,
-                max_iterations=self.max_iterations, system_prompt=self._system_prompt,
-            ))
-            conversation = _Conversation(self._system_prompt, prompts.first_user_message(query, info))
-            for turn in range(1, self.max_iterations + 1):
-                state["turns"] = env.turn = turn
-                reply = self._ask_root(conversation, run_id, turn)
-                outcome = self._act(parse_reply(reply.text), reply, env)
-                if outcome.answer is not None:
-                    self.tracer.emit(Final(run_id=run_id, turn=turn, answer=outcome.answer, source=outcome.source))
-                    return outcome.answer
-                observations = truncate_middle("\n\n".join(outcome.feedback), self.max_output_length + _FEEDBACK_ROOM)
-                conversation.add_observation(prompts.turn_user_message(query, observations))
-        return None
+    async def _within_time(self, work: Any) -> str | None:
+        limit = self.limits.max_time
+        if limit is None:
+            return await work
+        try:
+            return await asyncio.wait_for(work, timeout=limit * _TIME_GRACE + 1)
+        except asyncio.TimeoutError:
+            raise BudgetExceeded("max_time", limit, limit * _TIME_GRACE + 1) from None
 
-    def _ask_root(self, conversation: "_Conversation", run_id: str, turn: int) -> Completion:
-        shortened = conversation.fit(self._window(), self.max_tokens)
-        new_messages = conversation.unsent()
-        completion = self.client.complete(conversation.messages, max_tokens=self.max_tokens)
-        conversation.add_reply(completion.text)
-        cost = price_call(self.client.model, self.client.base_url, completion.usage)
-        self.ledger.add(CallRecord("root", 0, self.client.model, completion.usage, cost))
-        self.tracer.emit(LLMCall(
-            run_id=run_id, turn=turn, model=self.client.model, new_messages=new_messages,
-            message_count=len(conversation.messages) - 1, reply=completion.text,
-            usage=dataclasses.asdict(completion.usage), cost=cost, latency=completion.latency,
-            finish_reason=completion.finish_reason, shortened_outputs=shortened, reasoning=completion.reasoning,
-        ))
-        return completion
+    def _emit_error(self, run_id: str, turn: int, exc: BaseException) -> None:
+        self.tracer.emit(ErrorEvent(run_id=run_id, turn=turn, kind=type(exc).__name__, message=str(exc)))
 
-    def _window(self) -> int | None:
-        if self._context_window is None:
-            self._context_window = self.client.context_window() or 0
-        return self._context_window or None
 
-    def _act(self, parsed: ParsedReply, reply: Completion, env: REPLEnv) -> _Turn:
-        """Run the reply's code, then accept its final answer or explain what was wrong."""
-        turn = _Turn()
-        code_failed = False
-        for index, code in enumerate(parsed.repl_blocks, start=1):
-            result = env.run(code)
-            turn.feedback.append(_describe_result(index, len(parsed.repl_blocks), result))
-            code_failed = code_failed or result.error is not None
-            if result.final is not None:
-                if result.final.strip():
-                    turn.answer, turn.source = result.final, "code"
-                    return turn
-                turn.feedback.append("FINAL was called with an empty answer, so the run goes on.")
-        turn.feedback.extend(parsed.problems)
-        if parsed.final is not None:
-            self._accept_final_line(parsed, env, code_failed, turn)
-        elif not parsed.repl_blocks and not parsed.problems:
-            turn.feedback.append(_empty_reply_note(reply))
-        return turn
+def _resolve_models(*clients: LLMClient) -> None:
+    for client in clients:
+        client.model  # "auto" asks the endpoint now: an unreachable one fails before the REPL starts
 
-    @staticmethod
-    def _accept_final_line(parsed: ParsedReply, env: REPLEnv, code_failed: bool, turn: _Turn) -> None:
-        final = parsed.final
-        if code_failed:
-            turn.feedback.append(
-                "Your reply also had a final answer, but its code raised an error, so the answer was not "
-                "accepted. Fix the code, check the output, then answer again."
+
+def _check_arguments(args: dict[str, Any]) -> None:
+    """Refuse bad constructor arguments with a message that says what is expected."""
+    _require(args, float, "exec_timeout", "request_timeout")
+    _require(args, int, "max_iterations", "max_output_length", "max_concurrency", "sub_call_chars")
+    _require(args, int, "context_window", "max_reply_tokens", "max_tokens", "max_sub_calls", optional=True)
+    _require(args, float, "max_cost", "max_time", optional=True)
+    depth = args["max_depth"]
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ConfigError(f"max_depth must be 0 (no sub-calls), 1 (plain sub-calls) or more, got {depth!r}")
+    sandbox = args["sandbox"]
+    if isinstance(sandbox, str) and sandbox not in SANDBOXES:
+        raise ConfigError(f"unknown sandbox {sandbox!r}; choose one of: {', '.join(SANDBOXES)}")
+    if not isinstance(sandbox, str) and not callable(sandbox):
+        raise ConfigError(f"sandbox must be a name such as 'subprocess' or a factory, got {sandbox!r}")
+    for name in ("client", "sub_client"):
+        given = args[name]
+        if given is not None and not isinstance(given, LLMClient):
+            raise ConfigError(
+                f"{name} must have .model, .base_url, .complete(), .acomplete(), .context_window() and "
+                ".aclose() (see rlm.utils.llm.LLMClient)"
             )
-        elif final.kind == "FINAL":
-            turn.answer, turn.source = final.answer, "reply"
-        else:
-            # Resolved as a cell: turning a model-made object into text runs model code, which
-            # must have the same time limit and error reporting as any other cell.
-            result = env.run(f"FINAL_VAR({final.variable!r})")
-            if result.final is not None and result.final.strip():
-                turn.answer, turn.source = result.final, "reply"
-            elif result.final is not None:
-                turn.feedback.append(f"FINAL_VAR({final.variable}): the variable is empty, so it was not accepted.")
-            else:
-                turn.feedback.append(
-                    f"FINAL_VAR({final.variable}) was not accepted:\n{result.error or 'no value came back'}"
-                )
-
-    def _emit_end(
-        self, run_id: str, status: str, answer: str | None, state: dict, exc: BaseException | None = None
-    ) -> None:
-        if exc is not None:
-            kind = type(exc).__name__
-            self.tracer.emit(ErrorEvent(run_id=run_id, turn=state["turns"], kind=kind, message=str(exc)))
-        self.tracer.emit(RunEnd(
-            run_id=run_id, status=status, answer=answer, turns=state["turns"],
-            duration=time.perf_counter() - state["started"], usage=self.ledger.summary(since=state["records"]),
-        ))
 
 
-class _Conversation:
-    """The root conversation: append-only, except that old REPL outputs may be shortened to fit."""
-
-    def __init__(self, system: str, first_user: str) -> None:
-        self.messages: list[dict] = [{"role": "system", "content": system}, {"role": "user", "content": first_user}]
-        self._observations: list[int] = []  # indices of user messages holding REPL output
-        self._shortened: set[int] = set()
-        self._sent = 0
-
-    def add_reply(self, text: str) -> None:
-        self.messages.append({"role": "assistant", "content": text})
-        self._sent = len(self.messages)
-
-    def add_observation(self, text: str) -> None:
-        self._observations.append(len(self.messages))
-        self.messages.append({"role": "user", "content": text})
-
-    def unsent(self) -> list[dict]:
-        return [dict(message) for message in self.messages[self._sent :]]
-
-    def fit(self, window: int | None, reply_tokens: int | None) -> int:
-        """Shorten old messages until the estimate fits `window`; return how many were shortened.
-
-        The oldest REPL outputs go first, then the model's own oldest replies (never the
-        latest). If even that is not enough the request is sent as it is: the estimate is
-        cautious, and a server that still refuses it answers with a clear error.
-        """
-        if not window:
-            return 0
-        budget = window - (reply_tokens or min(8192, window // 4))
-        replies = [i for i, m in enumerate(self.messages[:-2]) if m["role"] == "assistant"]
-        count = 0
-        for index in [*self._observations, *replies]:
-            if self._estimate() <= budget:
-                break
-            if index in self._shortened:
-                continue
-            message = self.messages[index]
-            self.messages[index] = {**message, "content": truncate_middle(message["content"], _SHORTENED_OUTPUT)}
-            self._shortened.add(index)
-            count += 1
-        if count:
-            last = self.messages[-1]
-            last["content"] += (
-                f"\n\n(Note: to fit your context window, {count} earlier message(s) of this conversation "
-                "were shortened. Keep what you need in variables and print less.)"
-            )
-        return count
-
-    def _estimate(self) -> int:
-        return sum(len(message["content"]) // _CHARS_PER_TOKEN_SAFE + 4 for message in self.messages)
-
-
-def _describe_result(index: int, count: int, result: ExecResult) -> str:
-    label = f"[repl block {index} of {count}]" if count > 1 else "[repl block]"
-    parts = [f"{label} output:"]
-    if result.stdout:
-        parts.append(result.stdout.rstrip("\n"))
-    if result.stderr:
-        parts.append("stderr:\n" + result.stderr.rstrip("\n"))
-    if result.error:
-        parts.append("Error:\n" + result.error)
-    if result.restarted:
-        parts.append(
-            "The REPL worker was restarted: all variables, functions and imports were lost. "
-            "`context` has been loaded again."
-        )
-    if len(parts) == 1:
-        parts.append("(no output)")
-    return "\n".join(parts)
-
-
-def _empty_reply_note(reply: Completion) -> str:
-    if not reply.text.strip():
-        why = " (the server sent no message content)" if reply.content_missing else ""
-        return f"Your last reply was empty{why}. Write ```repl code to explore the context, or answer with FINAL(...)."
-    return (
-        "Your reply had no ```repl code block and no FINAL(...) / FINAL_VAR(...) line, so nothing happened. "
-        "Write code in a ```repl block, or give your answer on its own line as FINAL(answer)."
-    )
-
-
-def _require_positive(**values: float) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"{name} must be a positive number, got {value!r}")
-
-
-def _require_count(**values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name} must be a positive whole number, got {value!r}")
+def _require(args: dict[str, Any], kind: type, *names: str, optional: bool = False) -> None:
+    allowed = (int, float) if kind is float else (int,)
+    for name in names:
+        value = args[name]
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, allowed) or value <= 0:
+            what = "a positive number" if kind is float else "a positive whole number"
+            raise ConfigError(f"{name} must be {what}, got {value!r}")

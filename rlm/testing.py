@@ -11,6 +11,7 @@ always starts with a system message; `llm_query` sends a single user message.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -100,10 +101,19 @@ class ScriptedModel:
             self._next = lambda messages: responder({"messages": messages})
 
     def complete(self, messages: list[dict], *, max_tokens: int | None = None) -> Completion:
-        with self._lock:
-            self.requests.append([dict(message) for message in messages])
         if self._delay:
             time.sleep(self._delay)
+        return self._answer(messages)
+
+    async def acomplete(self, messages: list[dict], *, max_tokens: int | None = None) -> Completion:
+        if self._delay:
+            await asyncio.sleep(self._delay)
+        # In a thread: a scripted reply function may block (sleep) like a slow server would.
+        return await asyncio.to_thread(self._answer, messages)
+
+    def _answer(self, messages: list[dict]) -> Completion:
+        with self._lock:
+            self.requests.append([dict(message) for message in messages])
         text = self._next(messages)
         reply = text if isinstance(text, str) else ""
         prompt_chars = sum(len(message.get("content") or "") for message in messages)
@@ -112,6 +122,9 @@ class ScriptedModel:
 
     def context_window(self) -> int | None:
         return self._window
+
+    async def aclose(self) -> None:
+        return None
 
 
 class FakeOpenAIServer:

@@ -18,9 +18,10 @@ __all__ = ["Usage", "CallRecord", "UsageLedger", "price_call", "is_local_endpoin
 class Usage:
     """Tokens of one call. `estimated` is True when the server reported none and we counted."""
 
-    input_tokens: int = 0
+    input_tokens: int = 0  # all prompt tokens, cached ones included
     output_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the provider's prompt cache
+    cache_write_tokens: int = 0  # prompt tokens written to it (providers that charge for that)
     estimated: bool = False
 
     def __add__(self, other: "Usage") -> "Usage":
@@ -28,19 +29,30 @@ class Usage:
             input_tokens=self.input_tokens + other.input_tokens,
             output_tokens=self.output_tokens + other.output_tokens,
             cached_tokens=self.cached_tokens + other.cached_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
             estimated=self.estimated or other.estimated,
         )
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
 
 
 @dataclass(frozen=True)
 class CallRecord:
-    """One model call as counted: who made it, on which model, its usage and cost (None: unknown)."""
+    """One model call as counted: who made it, on which model, its usage and cost (None: unknown).
 
-    role: str  # "root" or "sub"
+    `role` is "root" for a turn of an RLM loop (the top run's at depth 0, a child run's
+    deeper) and "sub" for an `llm_query`; `cache_hit` marks a sub-call answered from the
+    run's cache (no request, no cost).
+    """
+
+    role: str
     depth: int
     model: str
     usage: Usage
     cost: float | None
+    cache_hit: bool = False
 
 
 def is_local_endpoint(base_url: str) -> bool:
@@ -65,6 +77,7 @@ def price_call(model: str, base_url: str, usage: Usage) -> float | None:
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         cache_read_tokens=usage.cached_tokens or None,
+        cache_write_tokens=usage.cache_write_tokens or None,
     )
     for hint in ({"provider_api_url": base_url}, {}):
         try:
@@ -93,24 +106,41 @@ class UsageLedger:
         with self._lock:
             self._records.clear()
 
-    def summary(self, since: int = 0) -> dict:
-        """Totals per role, the total cost in USD, and the models whose price is unknown.
+    def totals(self, since: int = 0) -> tuple[float, int, int]:
+        """(known cost, tokens, sub-calls) of the records after the first `since`, for budgets."""
+        records = self.records()[since:]
+        cost = float(sum(r.cost for r in records if r.cost is not None))
+        tokens = sum(r.usage.total_tokens for r in records)
+        return cost, tokens, sum(1 for r in records if r.depth > 0)
 
-        `since` skips the first records (those of earlier runs).
+    def summary(self, since: int = 0) -> dict:
+        """Totals of the top root model and of everything below it, the total cost in USD, and
+        a breakdown per (role, depth, model).
+
+        `root` counts the top-level loop's calls (depth 0); `sub` every call below it: plain
+        sub-calls and the calls of child RLM runs. `since` skips the first records (those of
+        earlier runs). Cache hits are counted as calls with no tokens and no cost.
         """
         records = self.records()[since:]
-        roles = {role: _totals([r for r in records if r.role == role]) for role in ("root", "sub")}
         unpriced = sorted({r.model for r in records if r.cost is None})
+        groups: dict[tuple[str, int, str], list[CallRecord]] = {}
+        for record in records:
+            groups.setdefault((record.role, record.depth, record.model), []).append(record)
         return {
             "total_cost": float(sum(r.cost for r in records if r.cost is not None)),
-            "root": roles["root"],
-            "sub": roles["sub"],
+            "root": _totals([r for r in records if r.depth == 0]),
+            "sub": _totals([r for r in records if r.depth > 0]),
             "total_calls": len(records),
             "total_input_tokens": sum(r.usage.input_tokens for r in records),
             "total_output_tokens": sum(r.usage.output_tokens for r in records),
+            "cache_hits": sum(1 for r in records if r.cache_hit),
             "unpriced_models": unpriced,
             "cost_complete": not unpriced,
             "usage_estimated": any(r.usage.estimated for r in records),
+            "breakdown": [
+                {"role": role, "depth": depth, "model": model, **_totals(group)}
+                for (role, depth, model), group in sorted(groups.items())
+            ],
         }
 
 
@@ -122,5 +152,7 @@ def _totals(records: list[CallRecord]) -> dict:
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "cached_tokens": usage.cached_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+        "cache_hits": sum(1 for r in records if r.cache_hit),
         "cost": float(sum(r.cost for r in records if r.cost is not None)),
     }

@@ -435,6 +435,8 @@ def test_ledger_sums_per_role_and_lists_unpriced_models():
         "input_tokens": 300,
         "output_tokens": 30,
         "cached_tokens": 50,
+        "cache_write_tokens": 0,
+        "cache_hits": 0,
         "cost": pytest.approx(0.75),
     }
     assert summary["sub"]["calls"] == 2 and summary["sub"]["models"] == ["local", "mystery"]

@@ -96,6 +96,25 @@ def test_multi_line_final_stops_at_the_next_fence() -> None:
     assert parsed.repl_blocks == ["x = (1)"]
 
 
+
+@pytest.mark.parametrize(
+    ("reply", "answer"),
+    [
+        ("FINAL(42) is my answer", "42"),
+        ("FINAL(first line\nsecond line)\n\nI read section (3) of the text (twice).", "first line\nsecond line"),
+        ("FINAL(a (nested) answer\nover two lines)\nSee (a) and (b) above.", "a (nested) answer\nover two lines"),
+        ('FINAL("42") is my answer (final)', "42"),
+        ('FINAL("a)b")', "a)b"),
+        ("FINAL(Steps:\n1) do x\n2) do y)", "Steps:\n1) do x\n2) do y"),
+        ("FINAL(The options are (a)\nand (b))", "The options are (a)\nand (b)"),
+    ],
+)
+def test_final_ends_at_its_balanced_closing_paren(reply: str, answer: str) -> None:
+    """Prose after the answer, even with parentheses of its own on later lines, is not the answer."""
+    parsed = parse_reply(reply)
+    assert parsed.final is not None and parsed.final.answer == answer
+    assert parsed.problems == []
+
 # -- FINAL_VAR ---------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""What every sandbox provides: run a cell, load the context, read a variable, close."""
+"""What every sandbox provides: run a cell, load the context, read a variable, close; and its limits."""
 
 from __future__ import annotations
 
@@ -8,8 +8,22 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from rlm._text import clean_text
+from rlm.errors import ConfigError
 
-__all__ = ["ContextSource", "ExecResult", "LLMBridge", "Sandbox", "SubCallFailed", "result_from_session", "timeout_message"]
+__all__ = [
+    "ContextSource",
+    "ExecResult",
+    "LLMBridge",
+    "Sandbox",
+    "SandboxFactory",
+    "SandboxLimits",
+    "SubCallFailed",
+    "parse_size",
+    "result_from_session",
+    "timeout_message",
+]
+
+GiB = 1 << 30
 
 
 class SubCallFailed(Exception):
@@ -22,6 +36,61 @@ class SubCallFailed(Exception):
 
 # (kind, prompts) -> one answer per prompt; kind is "llm_query" or "llm_query_batched".
 LLMBridge = Callable[[str, "list[str]"], "list[str]"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxLimits:
+    """Resource limits of a worker process, set by the worker on itself before any model code runs.
+
+    `memory`: bytes of address space (RLIMIT_AS); past it, allocations in model code raise
+    MemoryError and the session goes on. The context counts twice against it (the mapped
+    file and the decoded `str`): 4 GiB fits a 1 GB ASCII context; raise it for larger or
+    non-ASCII ones.
+    `cpu_time`: CPU seconds one worker may use in its life (RLIMIT_CPU). A worker past it
+    is killed and replaced: its variables are lost and the model is told.
+    `file_size`: largest file model code may write (RLIMIT_FSIZE); writing past it raises
+    OSError (EFBIG). Under `bwrap` it is also the size of the private scratch file system.
+    None means no limit. Per-cell wall time and output size are arguments of `Sandbox.run`.
+    The in-process sandbox cannot enforce any of these.
+    """
+
+    memory: int | None = 4 * GiB
+    cpu_time: float | None = None
+    file_size: int | None = 1 * GiB
+
+    def __post_init__(self) -> None:
+        for name in ("memory", "cpu_time", "file_size"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"sandbox limit {name} must be a positive number or None, got {value!r}")
+        if self.memory is not None and self.memory < 256 << 20:
+            raise ConfigError(f"memory limit {self.memory} is too small for a Python worker; give at least 256 MiB")
+
+    def as_message(self) -> dict:
+        """The limits as the worker receives them (whole numbers; None for no limit)."""
+        cpu = None if self.cpu_time is None else max(1, round(self.cpu_time))
+        return {"memory": self.memory, "cpu_time": cpu, "file_size": self.file_size}
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int | None:
+    """'4G', '512M', '1.5G', '123456' (bytes) -> bytes; 'none' or 'off' -> None (no limit)."""
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if cleaned in ("NONE", "OFF"):
+        return None
+    unit = cleaned[-1:] if cleaned[-1:] in _SIZE_UNITS else ""
+    number = cleaned[: len(cleaned) - len(unit)]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a size; write it like 4G, 512M or 1048576 (bytes), or 'none'") from None
+    if value <= 0:
+        raise ConfigError(f"size {text!r} must be positive, or 'none' for no limit")
+    return int(value * _SIZE_UNITS[unit])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +143,10 @@ def result_from_session(outcome: dict, *, timed_out: bool, timeout: float) -> Ex
 
 
 class Sandbox(abc.ABC):
-    """A persistent REPL session that runs model-written code."""
+    """A persistent REPL session that runs model-written code.
+
+    Made with `Sandbox(bridge, limits)`: a sandbox class is itself a `SandboxFactory`.
+    """
 
     name: ClassVar[str]
     isolated: ClassVar[bool]  # False: model code can reach everything the host process can
@@ -100,3 +172,8 @@ class Sandbox(abc.ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# How a REPL session gets its sandbox: called with the bridge answering `llm_query` and the
+# worker's limits. Every sandbox class fits; so does any function with that signature.
+SandboxFactory = Callable[[LLMBridge, SandboxLimits], Sandbox]

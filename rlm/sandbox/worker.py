@@ -27,7 +27,9 @@ from rlm._text import BoundedText
 
 __all__ = ["FinalAnswer", "LLMQueryError", "Session", "SCAFFOLD_NAMES", "describe_context", "main"]
 
-SCAFFOLD_NAMES = ("context", "llm_query", "llm_query_batched", "FINAL", "FINAL_VAR", "SHOW_VARS")
+SCAFFOLD_NAMES = (
+    "context", "llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "FINAL", "FINAL_VAR", "SHOW_VARS",
+)
 _MAX_CHUNKS_LISTED = 100
 
 # Called with ("llm_query" | "llm_query_batched", prompts) and returns one answer per prompt.
@@ -161,6 +163,8 @@ class Session:
             "FINAL": self._final,
             "FINAL_VAR": self._final_var,
             "SHOW_VARS": self._show_vars,
+            "rlm_query": self._rlm_query,
+            "rlm_query_batched": self._rlm_query_batched,
         }
         self._restore_scaffold()
 
@@ -266,6 +270,29 @@ class Session:
         if not isinstance(prompt, str):
             raise TypeError(f"llm_query(prompt) takes a str, got {type(prompt).__name__}")
         return self._call_llm("llm_query", [prompt])[0]
+
+    def _rlm_query(self, query: str, context: Any = None) -> str:
+        return self._rlm_query_batched([query], None if context is None else [context])[0]
+
+    def _rlm_query_batched(self, queries: list[str], contexts: list | None = None) -> list[str]:
+        queries = list(queries)
+        contexts = [None] * len(queries) if contexts is None else list(contexts)
+        if len(contexts) != len(queries):
+            raise ValueError(f"rlm_query_batched: {len(queries)} queries but {len(contexts)} contexts")
+        for index, (query, context) in enumerate(zip(queries, contexts)):
+            if not isinstance(query, str):
+                raise TypeError(f"rlm_query: query {index} is a {type(query).__name__}, not a str")
+            try:
+                json.dumps(context)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"rlm_query: context {index} must be a str, list or dict of plain values, "
+                    f"not {type(context).__name__}"
+                ) from None
+        if not queries:
+            return []
+        items = [{"query": query, "context": context} for query, context in zip(queries, contexts)]
+        return self._call_llm("rlm_query" if len(items) == 1 else "rlm_query_batched", items)
 
     def _llm_query_batched(self, prompts: list[str]) -> list[str]:
         prompts = list(prompts)

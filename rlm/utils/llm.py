@@ -10,8 +10,11 @@ Configuration is read when a client is made, never at import: `RLM_API_URL` (def
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -61,8 +64,16 @@ class LLMClient(Protocol):
         """Send a chat conversation; return the reply with its usage."""
         ...
 
+    async def acomplete(self, messages: list[dict], *, max_tokens: int | None = None) -> Completion:
+        """The same, awaitable; the RLM loop uses this one."""
+        ...
+
     def context_window(self) -> int | None:
         """The model's context window in tokens, when known."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what `acomplete` holds for the current event loop (called at the end of a run)."""
         ...
 
 
@@ -119,9 +130,12 @@ class OpenAICompatibleClient:
         self._listing: list[dict] | None = None
         self._lock = threading.Lock()
         self._temperature = temperature
-        self._sdk = openai.OpenAI(
-            base_url=self.base_url, api_key=resolve_api_key(api_key), timeout=timeout, max_retries=max_retries
-        )
+        self._options = {
+            "base_url": self.base_url, "api_key": resolve_api_key(api_key), "timeout": timeout, "max_retries": max_retries
+        }
+        self._sdk = openai.OpenAI(**self._options, http_client=closing_http_client(openai.DefaultHttpxClient))
+        # One async SDK client per event loop: its connections belong to the loop that made them.
+        self._async: tuple[asyncio.AbstractEventLoop, Any] | None = None
 
     @property
     def model(self) -> str:
@@ -141,9 +155,9 @@ class OpenAICompatibleClient:
     def list_models(self) -> list[dict]:
         """The endpoint's `GET /models` entries (each a dict with at least 'id')."""
         if self._listing is None:
-            with _translated_errors(self.base_url):
+            with translated_errors(self.base_url):
                 raw = self._sdk.models.with_raw_response.list()
-            payload = _json_body(raw, self.base_url)
+            payload = json_body(raw, self.base_url)
             data = payload.get("data") if isinstance(payload, dict) else None
             if not isinstance(data, list) or not all(isinstance(m, dict) and "id" in m for m in data):
                 raise MalformedResponse(
@@ -166,20 +180,72 @@ class OpenAICompatibleClient:
         return None
 
     def close(self) -> None:
-        """Release the HTTP connections (the client cannot be used afterwards)."""
+        """Release the HTTP connections of the sync client (the async one: `aclose()`)."""
         self._sdk.close()
 
+    async def aclose(self) -> None:
+        """Release the async client's connections (made again on the next `acomplete`)."""
+        if self._async is not None:
+            _, sdk = self._async
+            self._async = None
+            await sdk.close()
+
     def complete(self, messages: list[dict], *, max_tokens: int | None = None) -> Completion:
+        params = self._params(messages, max_tokens)
+        started = time.perf_counter()
+        with translated_errors(self.base_url):
+            raw = self._sdk.chat.completions.with_raw_response.create(**params)
+        payload = json_body(raw, self.base_url)
+        return _completion(payload, messages, self.model, time.perf_counter() - started, self.base_url)
+
+    async def acomplete(self, messages: list[dict], *, max_tokens: int | None = None) -> Completion:
+        params = self._params(messages, max_tokens)
+        started = time.perf_counter()
+        with translated_errors(self.base_url):
+            raw = await self._async_sdk().chat.completions.with_raw_response.create(**params)
+        payload = json_body(raw, self.base_url)
+        return _completion(payload, messages, self.model, time.perf_counter() - started, self.base_url)
+
+    def _params(self, messages: list[dict], max_tokens: int | None) -> dict[str, Any]:
         params: dict[str, Any] = {"model": self.model, "messages": messages}
         if max_tokens is not None:
             params["max_tokens"] = max_tokens
         if self._temperature is not None:
             params["temperature"] = self._temperature
-        started = time.perf_counter()
-        with _translated_errors(self.base_url):
-            raw = self._sdk.chat.completions.with_raw_response.create(**params)
-        payload = _json_body(raw, self.base_url)
-        return _completion(payload, messages, self.model, time.perf_counter() - started, self.base_url)
+        return params
+
+    def _async_sdk(self) -> Any:
+        import openai
+
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async[0] is not loop:
+            http = openai.DefaultAsyncHttpxClient(verify=ssl_context())
+            self._async = (loop, openai.AsyncOpenAI(**self._options, http_client=http))
+        return self._async[1]
+
+
+@functools.lru_cache(maxsize=1)
+def ssl_context() -> ssl.SSLContext:
+    """One TLS context for every client: building one per client costs ~40 ms."""
+    return ssl.create_default_context()
+
+
+def closing_http_client(base: type) -> Any:
+    """An SDK's default sync HTTP client sharing our TLS context, closed when collected.
+
+    (The SDKs close the HTTP clients they make themselves on collection; one passed in would
+    otherwise leave its sockets open until exit.)
+    """
+    return _closing_subclass(base)(verify=ssl_context())
+
+
+@functools.lru_cache(maxsize=None)
+def _closing_subclass(base: type) -> type:
+    def __del__(self: Any) -> None:
+        if not self.is_closed:
+            self.close()
+
+    return type(f"Closing{base.__name__}", (base,), {"__del__": __del__})
 
 
 def context_window_of(entry: dict) -> int | None:
@@ -192,7 +258,7 @@ def context_window_of(entry: dict) -> int | None:
     return None
 
 
-def _json_body(raw: Any, url: str) -> Any:
+def json_body(raw: Any, url: str) -> Any:
     try:
         return json.loads(raw.text)
     except ValueError:
@@ -246,28 +312,33 @@ def _usage(raw: Any, messages: list[dict], reply: str) -> Usage:
     )
 
 
-class _translated_errors:
-    """Turns the SDK's exceptions into ours, naming the URL and saying what to try."""
+class translated_errors:
+    """Turns an SDK's exceptions into ours, naming the URL and saying what to try.
 
-    def __init__(self, url: str) -> None:
+    `sdk` is the `openai` or `anthropic` module: both name their errors the same way.
+    """
+
+    def __init__(self, url: str, sdk: Any = None) -> None:
         self.url = url
+        self.sdk = sdk
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
-        import openai
-
         if exc is None:
             return False
-        if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
-            what = "did not answer in time" if isinstance(exc, openai.APITimeoutError) else "could not be reached"
+        sdk = self.sdk
+        if sdk is None:
+            import openai as sdk
+        if isinstance(exc, sdk.APIConnectionError):  # includes APITimeoutError
+            what = "did not answer in time" if isinstance(exc, sdk.APITimeoutError) else "could not be reached"
             raise EndpointUnreachable(
                 f"the model endpoint {self.url} {what}. Start your server there, or point RLM_API_URL "
                 "(or --api-url) at one.",
                 url=self.url,
             ) from exc
-        if isinstance(exc, openai.APIStatusError):
+        if isinstance(exc, sdk.APIStatusError):
             body = exc.response.text[:500] if exc.response is not None else ""
             raise ClientError(
                 f"the model endpoint {self.url} answered HTTP {exc.status_code}: {_brief(body)}{_hint(exc.status_code)}",
@@ -275,7 +346,7 @@ class _translated_errors:
                 status=exc.status_code,
                 body=body,
             ) from exc
-        if isinstance(exc, openai.OpenAIError):
+        if isinstance(exc, sdk.APIError):
             raise ClientError(f"the model endpoint {self.url} failed: {exc}", url=self.url) from exc
         return False
 

@@ -29,6 +29,14 @@ _TOOLS_SUB_CALLS = [
     "`llm_query_batched(prompts: list[str]) -> list[str]`: many `llm_query` calls at once, run "
     "concurrently; replies come back in the same order. Much faster than a loop of single calls.",
 ]
+_TOOLS_RECURSION = [
+    "`rlm_query(query: str, context=None) -> str`: hands a question and a large piece of text to "
+    "a sub-RLM, a model with its own REPL like yours that can explore it with code and sub-calls. "
+    "Without `context`, the query text itself is what it explores. Slower and dearer than "
+    "`llm_query`: use it for pieces too large or too intricate for one sub-call.",
+    "`rlm_query_batched(queries: list[str], contexts: list | None = None) -> list[str]`: several "
+    "`rlm_query` calls at once; replies in the same order.",
+]
 _TOOLS_OUTPUT = [
     "`print()`: the only way to see results. Output longer than {max_output} characters is cut in "
     "the middle, so print summaries and slices, not whole documents.",
@@ -126,17 +134,19 @@ Work step by step: say briefly what you will do next, then do it in a repl block
 reply. Do not just describe a plan. Do not give a final answer until you have checked it \
 against the context."""
 
-def _assemble(strategy: str, sub_calls: bool = True) -> str:
-    tools = [_TOOL_CONTEXT, *(_TOOLS_SUB_CALLS if sub_calls else []), *_TOOLS_OUTPUT]
+def _assemble(strategy: str, sub_calls: bool = True, recursion: bool = False) -> str:
+    tools = [
+        _TOOL_CONTEXT,
+        *(_TOOLS_SUB_CALLS if sub_calls else []),
+        *(_TOOLS_RECURSION if recursion else []),
+        *_TOOLS_OUTPUT,
+    ]
     listing = "\n".join(f"{number}. {tool}" for number, tool in enumerate(tools, start=1))
     return "\n\n".join([_INTRO + "\n\n" + listing, _HOW_TO_RUN, strategy, _FINISH])
 
 
-PROMPTS: dict[str, str] = {
-    "default": _assemble(_STRATEGY_DEFAULT),
-    "cautious": _assemble(_STRATEGY_CAUTIOUS),
-    "small": _assemble(_STRATEGY_SMALL),
-}
+_STRATEGIES = {"default": _STRATEGY_DEFAULT, "cautious": _STRATEGY_CAUTIOUS, "small": _STRATEGY_SMALL}
+PROMPTS: dict[str, str] = {name: _assemble(strategy) for name, strategy in _STRATEGIES.items()}
 # Used instead of any named prompt when sub-calls are off (max_depth=0).
 NO_SUB_CALLS_PROMPT = _assemble(_STRATEGY_NO_SUB_CALLS, sub_calls=False)
 
@@ -144,16 +154,25 @@ _MAX_CHUNKS_SHOWN = 100
 
 
 def system_prompt(
-    name_or_text: str = "default", *, sub_chars: int = 500_000, max_output: int = 500_000, sub_calls: bool = True
+    name_or_text: str = "default",
+    *,
+    sub_chars: int = 500_000,
+    max_output: int = 500_000,
+    sub_calls: bool = True,
+    recursion: bool = False,
 ) -> str:
     """The system prompt called `name_or_text` ("default", "cautious", "small"), or a custom text.
 
     A custom prompt is any string that is not one of those names; its `{sub_chars}` and
     `{max_output}` placeholders are filled, other braces are left alone. With
-    `sub_calls=False` a named prompt is replaced by the one for runs without sub-calls.
+    `sub_calls=False` a named prompt is replaced by the one for runs without sub-calls; with
+    `recursion=True` it also describes `rlm_query` (runs that may start child RLMs).
     """
     if name_or_text in PROMPTS:
-        chosen = PROMPTS[name_or_text] if sub_calls else NO_SUB_CALLS_PROMPT
+        if not sub_calls:
+            chosen = NO_SUB_CALLS_PROMPT
+        else:
+            chosen = _assemble(_STRATEGIES[name_or_text], recursion=True) if recursion else PROMPTS[name_or_text]
         template = chosen.replace("{{", "\0<").replace("}}", "\0>")
     elif not name_or_text or not name_or_text.strip():
         raise ConfigError(f"system_prompt must be one of {sorted(PROMPTS)} or a non-empty prompt text")

@@ -81,6 +81,7 @@ class LLMCall(Event):
     model: str
     new_messages: list[dict]
     message_count: int
+    prefix_unchanged: int  # leading messages repeated unchanged from the previous request
     reply: str
     usage: dict
     cost: float | None
@@ -92,7 +93,11 @@ class LLMCall(Event):
 
 @dataclass(kw_only=True)
 class SubCall(Event):
-    """One `llm_query` answered by the sub-model (or failed: `error` is set)."""
+    """One sub-model call (or a failed one: `error` is set; or a cache hit: no request made).
+
+    `kind` is "llm_query", "llm_query_batched" or "rlm_query" (answered as a plain call at the
+    depth limit, which `note` says).
+    """
 
     type: ClassVar[str] = "sub_call"
     turn: int
@@ -104,6 +109,9 @@ class SubCall(Event):
     latency: float
     batch_index: int | None = None
     error: str | None = None
+    kind: str = "llm_query"
+    note: str | None = None
+    cache_hit: bool = False
 
 
 @dataclass(kw_only=True)
@@ -139,7 +147,7 @@ class ErrorEvent(Event):
 @dataclass(kw_only=True)
 class RunEnd(Event):
     type: ClassVar[str] = "run_end"
-    status: str  # "answered", "max_iterations" or "error"
+    status: str  # "answered", "max_iterations", "budget_exceeded" or "error"
     answer: str | None
     turns: int
     duration: float
@@ -160,11 +168,13 @@ class Tracer:
         self.listeners = list(listeners or [])
         self.events: list[Event] = []
         self.path: Path | None = None
+        self.run_id: str | None = None
         self._lock = threading.Lock()
 
     def start(self, run_id: str) -> None:
         """Begin a new run: forget old events, open its file if logging."""
         with self._lock:
+            self.run_id = run_id
             self.events = []
             self.path = None
             if self.log_dir is not None:

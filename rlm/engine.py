@@ -1,0 +1,461 @@
+"""The RLM loop at any depth, and what one call tree shares: limiter, budget, cache, ledger, trace.
+
+`Tree` is one top-level `acompletion()`: every run in it (the root loop and any child RLM
+started with `rlm_query`) shares one concurrency limiter, one budget, one sub-call cache,
+one usage ledger and one trace. `Run` is one RLM loop: ask its root model, run the reply's
+code in its own REPL, feed the output back, stop at a valid final answer.
+
+Blocking work (starting a REPL worker, running a cell) goes to the tree's thread pool; the
+code in a cell reaches back into the event loop for `llm_query` and `rlm_query`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable
+
+from rlm._text import clean_text, truncate_middle
+from rlm.errors import BudgetExceeded, ClientError
+from rlm.parsing import ParsedReply, parse_reply
+from rlm.repl import REPLEnv, SandboxFactory
+from rlm.sandbox import ContextSource, ExecResult, SubCallFailed
+from rlm.usage import CallRecord, Usage, UsageLedger, price_call
+from rlm.utils import prompts
+from rlm.utils.llm import Completion, LLMClient
+from rlm.utils.tracing import Final, LLMCall, RunStart, SubCall, Tracer, new_run_id
+
+__all__ = ["Limits", "Run", "Settings", "Tree"]
+
+_CHARS_PER_TOKEN_SAFE = 3  # conservative: code and numbers pack fewer characters per token
+_SHORTENED_OUTPUT = 2_000
+_FEEDBACK_ROOM = 4_096  # room for block labels and notes around outputs cut to max_output_length
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Budgets of one call tree, enforced on the host. None means no limit."""
+
+    max_cost: float | None = None  # USD, known prices only
+    max_tokens: int | None = None  # input + output tokens of every call in the tree
+    max_sub_calls: int | None = None  # calls below the top-level root model (cache hits excluded)
+    max_time: float | None = None  # seconds of wall time for the whole tree
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """How every run of a tree behaves (built once by RLM_REPL)."""
+
+    root_client: LLMClient
+    sub_client: LLMClient
+    max_iterations: int
+    max_output_length: int
+    exec_timeout: float
+    sandbox: str | SandboxFactory
+    prompt: str  # a prompt name or custom text, filled per depth
+    sub_call_chars: int
+    context_window: int | None
+    reply_tokens: int | None
+    max_depth: int
+    max_concurrency: int
+    cache: bool
+    limits: Limits
+
+
+class Tree:
+    """State shared by every run of one top-level call."""
+
+    def __init__(self, settings: Settings, ledger: UsageLedger, tracer: Tracer) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.tracer = tracer
+        self.started = time.monotonic()
+        self.first_record = len(ledger.records())
+        self.limiter = asyncio.Semaphore(settings.max_concurrency)
+        self.cache: dict[tuple[str, str], asyncio.Future] | None = {} if settings.cache else None
+        # Cells block a thread each, and a cell waiting on rlm_query holds its thread while the
+        # child's cells run, so the pool must not be the small default one.
+        self.executor = ThreadPoolExecutor(max_workers=64 + 4 * settings.max_concurrency, thread_name_prefix="rlm")
+        self.window: int | None = settings.context_window
+        self.last_root_reply: str | None = None
+
+    async def blocking(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking work (a cell, a worker start) in the tree's thread pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    def check_budget(self, new_sub_calls: int = 0) -> None:
+        """Raise BudgetExceeded if a limit is reached, or would be by `new_sub_calls` more calls."""
+        limits = self.settings.limits
+        cost, tokens, sub_calls = self.ledger.totals(self.first_record)
+        elapsed = time.monotonic() - self.started
+        for name, allowed, spent, extra in (
+            ("max_cost", limits.max_cost, cost, 0),
+            ("max_tokens", limits.max_tokens, tokens, 0),
+            ("max_sub_calls", limits.max_sub_calls, sub_calls, new_sub_calls),
+            ("max_time", limits.max_time, elapsed, 0),
+        ):
+            if allowed is not None and (spent >= allowed or spent + extra > allowed):
+                raise BudgetExceeded(name, allowed, spent)
+
+    async def model_call(self, client: LLMClient, messages: list[dict], max_tokens: int | None = None) -> Completion:
+        """One model request under the tree's limiter, after a budget check."""
+        async with self.limiter:
+            self.check_budget()
+            return await client.acomplete(messages, max_tokens=max_tokens)
+
+    def record(self, role: str, depth: int, model: str, base_url: str, usage: Usage, hit: bool = False) -> float | None:
+        cost = 0.0 if hit else price_call(model, base_url, usage)
+        self.ledger.add(CallRecord(role, depth, model, usage, cost, cache_hit=hit))
+        return cost
+
+    async def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class Run:
+    """One RLM loop at `depth` (0 for the top level), with its own REPL session."""
+
+    def __init__(
+        self, tree: Tree, *, depth: int, parent_id: str | None, client: LLMClient, run_id: str | None = None
+    ) -> None:
+        self.tree = tree
+        self.depth = depth
+        self.parent_id = parent_id
+        self.client = client
+        self.run_id = run_id or new_run_id()
+        self._loop_ref = asyncio.get_running_loop()
+        self.turn = 0
+        self.settings = tree.settings
+        self.can_sub_call = depth < self.settings.max_depth
+        self.can_recurse = depth + 1 < self.settings.max_depth
+
+    async def answer(self, query: str, source: ContextSource) -> str | None:
+        """Run the loop to a final answer, or None after max_iterations turns."""
+        env = await self.tree.blocking(self._open_env)
+        try:
+            info = await self.tree.blocking(env.load_context, source)
+            system = prompts.system_prompt(
+                self.settings.prompt, sub_chars=self.settings.sub_call_chars,
+                max_output=self.settings.max_output_length, sub_calls=self.can_sub_call, recursion=self.can_recurse,
+            )
+            self.tree.tracer.emit(RunStart(
+                run_id=self.run_id, parent_id=self.parent_id, depth=self.depth, query=query, context=info,
+                root_model=self.client.model, sub_model=self.settings.sub_client.model, sandbox=env.sandbox.name,
+                max_iterations=self.settings.max_iterations, system_prompt=system,
+            ))
+            return await self._loop(env, query, _Conversation(system, prompts.first_user_message(query, info)))
+        finally:
+            env.close()
+
+    def _open_env(self) -> REPLEnv:
+        return REPLEnv(
+            bridge=self._bridge, tracer=self.tree.tracer, run_id=self.run_id, depth=self.depth,
+            sandbox=self.settings.sandbox, exec_timeout=self.settings.exec_timeout,
+            max_output_length=self.settings.max_output_length,
+        )
+
+    async def _loop(self, env: REPLEnv, query: str, conversation: "_Conversation") -> str | None:
+        for turn in range(1, self.settings.max_iterations + 1):
+            self.turn = env.turn = turn
+            reply = await self._ask(conversation)
+            outcome = await self._act(parse_reply(reply.text), reply, env)
+            if outcome.answer is not None:
+                self.tree.tracer.emit(Final(
+                    run_id=self.run_id, parent_id=self.parent_id, depth=self.depth, turn=turn,
+                    answer=outcome.answer, source=outcome.source,
+                ))
+                return outcome.answer
+            limit = self.settings.max_output_length + _FEEDBACK_ROOM
+            observations = truncate_middle("\n\n".join(outcome.feedback), limit)
+            conversation.add_observation(prompts.turn_user_message(query, observations))
+        return None
+
+    async def _ask(self, conversation: "_Conversation") -> Completion:
+        shortened = conversation.fit(await self._window(), self.settings.reply_tokens)
+        new_messages, unchanged = conversation.unsent(), conversation.unchanged_prefix()
+        completion = await self.tree.model_call(self.client, conversation.messages, self.settings.reply_tokens)
+        conversation.add_reply(completion.text)
+        if self.depth == 0:
+            self.tree.last_root_reply = completion.text
+        cost = self.tree.record("root", self.depth, self.client.model, self.client.base_url, completion.usage)
+        self.tree.tracer.emit(LLMCall(
+            run_id=self.run_id, parent_id=self.parent_id, depth=self.depth, turn=self.turn, model=self.client.model,
+            new_messages=new_messages, message_count=len(conversation.messages) - 1, prefix_unchanged=unchanged,
+            reply=completion.text, usage=dataclasses.asdict(completion.usage), cost=cost, latency=completion.latency,
+            finish_reason=completion.finish_reason, shortened_outputs=shortened, reasoning=completion.reasoning,
+        ))
+        return completion
+
+    async def _window(self) -> int | None:
+        if self.depth == 0:
+            if self.tree.window is None:
+                self.tree.window = await self.tree.blocking(self.client.context_window) or 0
+            return self.tree.window or None
+        return self.settings.context_window
+
+    async def _act(self, parsed: ParsedReply, reply: Completion, env: REPLEnv) -> "_Turn":
+        """Run the reply's code, then accept its final answer or explain what was wrong."""
+        turn = _Turn()
+        code_failed = False
+        for index, code in enumerate(parsed.repl_blocks, start=1):
+            result = await self.tree.blocking(env.run, code)
+            turn.feedback.append(_describe_result(index, len(parsed.repl_blocks), result))
+            code_failed = code_failed or result.error is not None
+            if result.final is not None:
+                if result.final.strip():
+                    turn.answer, turn.source = result.final, "code"
+                    return turn
+                turn.feedback.append("FINAL was called with an empty answer, so the run goes on.")
+        turn.feedback.extend(parsed.problems)
+        if parsed.final is not None:
+            await self._accept_final_line(parsed, env, code_failed, turn)
+        elif not parsed.repl_blocks and not parsed.problems:
+            turn.feedback.append(_empty_reply_note(reply))
+        return turn
+
+    async def _accept_final_line(self, parsed: ParsedReply, env: REPLEnv, code_failed: bool, turn: "_Turn") -> None:
+        final = parsed.final
+        if code_failed:
+            turn.feedback.append(
+                "Your reply also had a final answer, but its code raised an error, so the answer was not "
+                "accepted. Fix the code, check the output, then answer again."
+            )
+        elif final.kind == "FINAL":
+            turn.answer, turn.source = final.answer, "reply"
+        else:
+            # Resolved as a cell: turning a model-made object into text runs model code, which
+            # must have the same time limit and error reporting as any other cell.
+            result = await self.tree.blocking(env.run, f"FINAL_VAR({final.variable!r})")
+            if result.final is not None and result.final.strip():
+                turn.answer, turn.source = result.final, "reply"
+            elif result.final is not None:
+                turn.feedback.append(f"FINAL_VAR({final.variable}): the variable is empty, so it was not accepted.")
+            else:
+                turn.feedback.append(
+                    f"FINAL_VAR({final.variable}) was not accepted:\n{result.error or 'no value came back'}"
+                )
+
+    # -- the host side of llm_query / rlm_query ---------------------------------------------
+
+    def _bridge(self, kind: str, items: list) -> list[str]:
+        """Called from the thread running a cell; answers on the event loop."""
+        future = asyncio.run_coroutine_threadsafe(self._serve(kind, items), self._loop_ref)
+        return future.result()
+
+    async def _serve(self, kind: str, items: list) -> list[str]:
+        if not self.can_sub_call:
+            raise SubCallFailed("sub-calls are off in this run (max_depth reached): work with code alone")
+        self.tree.check_budget(new_sub_calls=len(items))
+        if kind in ("llm_query", "llm_query_batched"):
+            calls = [lambda p=prompt, i=index: self._sub_call(p, i, kind) for index, prompt in enumerate(items)]
+        else:
+            calls = [lambda q=item, i=index: self._child(q, i) for index, item in enumerate(items)]
+        if len(calls) == 1:
+            return [await calls[0]()]
+        return await _gather_batch([call() for call in calls])
+
+    async def _sub_call(self, prompt: str, index: int | None, kind: str, note: str | None = None) -> str:
+        client = self.tree.settings.sub_client
+        prompt = clean_text(prompt)
+        key = (client.model, prompt)
+        cache = self.tree.cache
+        if cache is not None and key in cache:
+            reply = await asyncio.shield(cache[key])
+            self.tree.record("sub", self.depth + 1, client.model, client.base_url, Usage(), hit=True)
+            self._trace_sub(kind, prompt, reply, None, 0.0, index, None, note, cache_hit=True)
+            return reply
+        pending: asyncio.Future = asyncio.get_running_loop().create_future()
+        if cache is not None:
+            cache[key] = pending
+        try:
+            reply = await self._fresh_sub_call(client, prompt, index, kind, note)
+        except BaseException as exc:
+            if cache is not None:
+                del cache[key]  # a failure is not remembered: a later identical call tries again
+            pending.set_exception(exc if isinstance(exc, Exception) else SubCallFailed("cancelled"))
+            pending.exception()  # retrieved here, so an unawaited failure is not reported as lost
+            raise
+        pending.set_result(reply)
+        return reply
+
+    async def _fresh_sub_call(self, client: LLMClient, prompt: str, index: int | None, kind: str, note: str | None) -> str:
+        started = time.perf_counter()
+        try:
+            completion = await self.tree.model_call(client, [{"role": "user", "content": prompt}])
+        except ClientError as exc:
+            self._trace_sub(kind, prompt, "", None, time.perf_counter() - started, index, str(exc), note)
+            if exc.is_request_error:
+                raise SubCallFailed(f"the sub-model rejected the request: {exc}") from None
+            raise
+        cost = self.tree.record("sub", self.depth + 1, client.model, client.base_url, completion.usage)
+        self._trace_sub(kind, prompt, completion.text, completion, completion.latency, index, None, note, cost=cost)
+        return completion.text
+
+    async def _child(self, item: dict, index: int) -> str:
+        query, context = item.get("query"), item.get("context")
+        if not self.can_recurse:
+            prompt = query if context is None else f"{query}\n\n{_as_text(context)}"
+            return await self._sub_call(prompt, index, "rlm_query", note="max_depth reached: answered as llm_query")
+        child = Run(self.tree, depth=self.depth + 1, parent_id=self.run_id, client=self.tree.settings.sub_client)
+        source = ContextSource(value=query if context is None else context)
+        answer = await child.answer(query, source)
+        if answer is None:
+            raise SubCallFailed(
+                f"rlm_query: the child run gave no final answer within {self.settings.max_iterations} turns"
+            )
+        return answer
+
+    def _trace_sub(
+        self, kind: str, prompt: str, reply: str, completion: Completion | None, latency: float,
+        index: int | None, error: str | None, note: str | None, *, cost: float | None = 0.0, cache_hit: bool = False,
+    ) -> None:
+        self.tree.tracer.emit(SubCall(
+            run_id=self.run_id, parent_id=self.parent_id, depth=self.depth + 1, turn=self.turn,
+            model=self.tree.settings.sub_client.model, prompt=prompt, reply=reply,
+            usage=dataclasses.asdict(completion.usage) if completion is not None else {},
+            cost=cost if completion is not None or cache_hit else None, latency=latency, batch_index=index,
+            error=error, kind=kind, note=note, cache_hit=cache_hit,
+        ))
+
+
+
+async def _gather_batch(coroutines: list[Awaitable[str]]) -> list[str]:
+    """Run a batch; replies in order. Failures the model should see are reported together.
+
+    A failure of the run (endpoint down, budget reached) stops the batch: calls already in
+    flight finish when it is a budget (their usage counts), and are cancelled otherwise.
+    """
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    pending = set(tasks)
+    fatal: BaseException | None = None
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.cancelled():
+                continue
+            error = task.exception()
+            if error is not None and not isinstance(error, SubCallFailed) and fatal is None:
+                fatal = error
+                if not isinstance(error, BudgetExceeded):
+                    for other in pending:
+                        other.cancel()
+    if fatal is not None:
+        raise fatal
+    failures = [(index, task.exception()) for index, task in enumerate(tasks) if task.exception() is not None]
+    # (no task was cancelled here: cancelling only follows a fatal error, raised above)
+    if failures:
+        first_index, first_error = failures[0]
+        raise SubCallFailed(f"{len(failures)} of {len(tasks)} batched calls failed; item {first_index}: {first_error}")
+    return [task.result() for task in tasks]
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
+@dataclasses.dataclass
+class _Turn:
+    """What one root reply led to: an answer, or feedback for the next turn."""
+
+    answer: str | None = None
+    source: str = ""
+    feedback: list[str] = dataclasses.field(default_factory=list)
+
+
+class _Conversation:
+    """The root conversation: append-only, except that old messages may be shortened to fit."""
+
+    def __init__(self, system: str, first_user: str) -> None:
+        self.messages: list[dict] = [{"role": "system", "content": system}, {"role": "user", "content": first_user}]
+        self._observations: list[int] = []  # indices of user messages holding REPL output
+        self._shortened: set[int] = set()
+        self._sent = 0
+        self._last_request: list[dict] = []
+
+    def add_reply(self, text: str) -> None:
+        self._last_request = [dict(message) for message in self.messages]
+        self.messages.append({"role": "assistant", "content": text})
+        self._sent = len(self.messages)
+
+    def add_observation(self, text: str) -> None:
+        self._observations.append(len(self.messages))
+        self.messages.append({"role": "user", "content": text})
+
+    def unsent(self) -> list[dict]:
+        return [dict(message) for message in self.messages[self._sent :]]
+
+    def unchanged_prefix(self) -> int:
+        """How many leading messages of the previous request this one repeats unchanged."""
+        count = 0
+        for before, now in zip(self._last_request, self.messages):
+            if before != now:
+                break
+            count += 1
+        return count
+
+    def fit(self, window: int | None, reply_tokens: int | None) -> int:
+        """Shorten old messages until the estimate fits `window`; return how many were shortened.
+
+        The oldest REPL outputs go first, then the model's own oldest replies (never the
+        latest). If even that is not enough the request is sent as it is: the estimate is
+        cautious, and a server that still refuses it answers with a clear error.
+        """
+        if not window:
+            return 0
+        budget = window - (reply_tokens or min(8192, window // 4))
+        replies = [i for i, m in enumerate(self.messages[:-2]) if m["role"] == "assistant"]
+        count = 0
+        for index in [*self._observations, *replies]:
+            if self._estimate() <= budget:
+                break
+            if index in self._shortened:
+                continue
+            message = self.messages[index]
+            self.messages[index] = {**message, "content": truncate_middle(message["content"], _SHORTENED_OUTPUT)}
+            self._shortened.add(index)
+            count += 1
+        if count:
+            last = self.messages[-1]
+            last["content"] += (
+                f"\n\n(Note: to fit your context window, {count} earlier message(s) of this conversation "
+                "were shortened. Keep what you need in variables and print less.)"
+            )
+        return count
+
+    def _estimate(self) -> int:
+        return sum(len(message["content"]) // _CHARS_PER_TOKEN_SAFE + 4 for message in self.messages)
+
+
+def _describe_result(index: int, count: int, result: ExecResult) -> str:
+    label = f"[repl block {index} of {count}]" if count > 1 else "[repl block]"
+    parts = [f"{label} output:"]
+    if result.stdout:
+        parts.append(result.stdout.rstrip("\n"))
+    if result.stderr:
+        parts.append("stderr:\n" + result.stderr.rstrip("\n"))
+    if result.error:
+        parts.append("Error:\n" + result.error)
+    if result.restarted:
+        parts.append(
+            "The REPL worker was restarted: all variables, functions and imports were lost. "
+            "`context` has been loaded again."
+        )
+    if len(parts) == 1:
+        parts.append("(no output)")
+    return "\n".join(parts)
+
+
+def _empty_reply_note(reply: Completion) -> str:
+    if not reply.text.strip():
+        why = " (the server sent no message content)" if reply.content_missing else ""
+        return f"Your last reply was empty{why}. Write ```repl code to explore the context, or answer with FINAL(...)."
+    return (
+        "Your reply had no ```repl code block and no FINAL(...) / FINAL_VAR(...) line, so nothing happened. "
+        "Write code in a ```repl block, or give your answer on its own line as FINAL(answer)."
+    )

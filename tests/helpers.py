@@ -1,0 +1,77 @@
+"""Helpers shared by the test modules: scripted RLM runs, and running cells in a sandbox."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rlm.rlm_repl import RLM_REPL
+from rlm.sandbox import Sandbox, SubCallFailed
+from rlm.testing import ScriptedModel
+
+FENCE = "```"
+SANDBOXES = ["inprocess", "subprocess"]
+
+# -- scripted runs of the root loop ------------------------------------------------------------
+
+
+def repl(code: str) -> str:
+    return f"{FENCE}repl\n{code}\n{FENCE}"
+
+
+def make(
+    root_replies: Any,
+    sub_replies: Any = ("sub answer",),
+    *,
+    window: int | None = None,
+    **options: Any,
+) -> tuple[RLM_REPL, ScriptedModel, ScriptedModel]:
+    """An RLM_REPL over scripted root and sub models (in-process sandbox unless told)."""
+    root = ScriptedModel(root_replies, model="root-model", window=window)
+    sub = ScriptedModel(sub_replies, model="sub-model")
+    options.setdefault("sandbox", "inprocess")
+    return RLM_REPL(client=root, sub_client=sub, **options), root, sub
+
+
+def last_user(request: list[dict]) -> str:
+    message = request[-1]
+    assert message["role"] == "user"
+    return message["content"]
+
+
+# -- cells run directly in a sandbox -----------------------------------------------------------
+
+TIMEOUT = 10.0
+MAX_OUTPUT = 10_000
+
+
+class RecordingBridge:
+    """The host side of `llm_query`: records every call and answers with the prompts upper-cased."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+        self.fail_with: str | None = None
+        self.sleep = 0.0
+        self.during_call = None  # a function run inside the bridge, in the cell's thread
+
+    def __call__(self, kind: str, prompts: list[str]) -> list[str]:
+        self.calls.append((kind, list(prompts)))
+        if self.sleep:
+            time.sleep(self.sleep)
+        if self.during_call is not None:
+            self.during_call()
+        if self.fail_with is not None:
+            raise SubCallFailed(self.fail_with)
+        return [prompt.upper() for prompt in prompts]
+
+
+def run(box: Sandbox, code: str, *, timeout: float = TIMEOUT, max_output: int = MAX_OUTPUT):
+    return box.run(code, timeout=timeout, max_output=max_output)
+
+
+def ok(box: Sandbox, code: str, **kwargs) -> str:
+    """Run a cell that must succeed; return its stdout."""
+    result = run(box, code, **kwargs)
+    assert result.error is None, result.error
+    assert not result.timed_out and not result.restarted
+    return result.stdout

@@ -1,0 +1,200 @@
+"""What only one backend can do: the worker process (crashes, kills, scrubbed environment, clean-up)
+and the in-process sandbox (output capture that leaves the host's printing alone)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import RecordingBridge, ok, run
+from rlm.sandbox import ContextSource, create_sandbox
+from rlm.sandbox import subprocess as subprocess_sandbox
+
+
+@pytest.fixture
+def worker_sandbox(bridge: RecordingBridge):
+    box = create_sandbox("subprocess", bridge)
+    yield box
+    box.close()
+
+
+# -- what only the worker process can do ---------------------------------------------------------
+
+
+def test_loop_that_ignores_sigint_is_killed_and_the_context_reloaded(worker_sandbox, monkeypatch):
+    """In-process, a long call into C cannot be stopped at all: threads cannot be killed."""
+    monkeypatch.setattr(subprocess_sandbox, "INTERRUPT_GRACE", 0.3)
+    worker_sandbox.load_context(ContextSource(value=["alpha", "beta"]))
+    ok(worker_sandbox, "doomed = 'lost'")
+    started = time.monotonic()
+    result = run(worker_sandbox, "sum(range(10**12))", timeout=0.3)
+    assert time.monotonic() - started < 5
+    assert result.timed_out is True and result.restarted is True
+    assert "0.3 s" in result.error
+    assert "NameError" in run(worker_sandbox, "doomed").error
+    assert ok(worker_sandbox, "print(context)") == "['alpha', 'beta']\n"
+
+
+def test_worker_crash_is_reported_and_the_session_restarts(worker_sandbox, tmp_path):
+    """In-process, `os._exit` would end the test run itself: there is no second process to lose."""
+    path = tmp_path / "ctx.txt"
+    path.write_text("from a file", encoding="utf-8")
+    worker_sandbox.load_context(ContextSource(path=path))
+    result = run(worker_sandbox, "import os\nos._exit(3)")
+    assert result.restarted is True
+    assert "died" in result.error and "code 3" in result.error
+    assert ok(worker_sandbox, "print(context)") == "from a file\n"
+    assert ok(worker_sandbox, "print(llm_query('alive'))") == "ALIVE\n"
+
+
+def test_worker_killed_by_a_signal_is_reported(worker_sandbox):
+    """In-process, a signal to our own pid would kill the host."""
+    result = run(worker_sandbox, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert result.restarted is True and "signal 9" in result.error
+    assert ok(worker_sandbox, "print(1 + 1)") == "2\n"
+
+
+def test_raw_writes_to_file_descriptor_one_do_not_corrupt_the_protocol(worker_sandbox):
+    """In-process, fd 1 is the host's own stdout; there is no protocol on it to protect."""
+    result = run(worker_sandbox, "import os\nos.write(1, b'garbage\\x00\\xff' * 1000)\nprint('clean')")
+    assert result.error is None and result.stdout == "clean\n"
+    assert not result.restarted
+    assert ok(worker_sandbox, "print(llm_query('after garbage'))") == "AFTER GARBAGE\n"
+
+
+def test_worker_environment_has_no_host_secrets(bridge, monkeypatch):
+    """In-process, model code shares the host's `os.environ`: that is the documented lack of isolation."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-test")
+    monkeypatch.setenv("RLM_API_KEY", "sk-secret-test")
+    with create_sandbox("subprocess", bridge) as box:
+        code = "import os\nprint(sorted(os.environ))\nprint(open('/proc/self/environ', 'rb').read())"
+        out = ok(box, code)
+    assert "sk-secret-test" not in out
+    assert "OPENAI_API_KEY" not in out and "RLM_API_KEY" not in out
+
+
+def test_close_removes_the_scratch_directory_and_ends_the_worker(bridge):
+    """In-process there is neither a worker process nor a scratch directory."""
+    box = create_sandbox("subprocess", bridge)
+    box.load_context(ContextSource(value="written to scratch"))
+    pid, scratch = json.loads(ok(box, "import os, json\nprint(json.dumps([os.getpid(), os.getcwd()]))"))
+    assert Path(scratch).is_dir() and pid != os.getpid()
+    box.close()
+    assert not Path(scratch).exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_restart_after_kill_also_cleans_up(worker_sandbox, monkeypatch):
+    """The killed worker must not linger as a process once it is replaced."""
+    monkeypatch.setattr(subprocess_sandbox, "INTERRUPT_GRACE", 0.2)
+    old_pid = int(ok(worker_sandbox, "import os\nos.getpid()"))
+    assert run(worker_sandbox, "sum(range(10**12))", timeout=0.2).restarted
+    new_pid = int(ok(worker_sandbox, "import os\nos.getpid()"))
+    assert new_pid != old_pid
+    with pytest.raises(ProcessLookupError):
+        os.kill(old_pid, 0)
+
+
+
+# A host that starts a worker, reports the worker's pid and scratch directory, then waits on
+# a cell that never ends, until it is killed.
+KILLED_HOST = """\
+from rlm.sandbox import ContextSource, create_sandbox
+box = create_sandbox("subprocess", lambda kind, prompts: prompts)
+box.load_context(ContextSource(value="the context"))
+cell = box.run("import os, json\\nprint(json.dumps([os.getpid(), os.getcwd()]))", timeout=30, max_output=1000)
+print(cell.stdout, end="", flush=True)
+box.run("while True:\\n    pass", timeout=600, max_output=1000)
+"""
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` is a live process (an exited one waiting to be reaped does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _first_line(stream, deadline: float) -> str:
+    data = b""
+    while b"\n" not in data and time.monotonic() < deadline:
+        if select.select([stream], [], [], 0.1)[0]:
+            chunk = os.read(stream.fileno(), 4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode()
+
+
+def test_worker_of_a_killed_host_exits_and_removes_its_scratch_directory(tmp_path):
+    """SIGKILL gives the host no chance to clean up: the orphaned worker must notice and go."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    host = subprocess.Popen(
+        [sys.executable, "-c", KILLED_HOST], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=env,
+    )
+    pid, scratch = None, None
+    try:
+        line = _first_line(host.stdout, time.monotonic() + 30)
+        assert line, host.stderr.read().decode() if host.poll() is not None else "no output from the host"
+        pid, scratch = json.loads(line)
+        assert _running(pid) and Path(scratch).is_dir() and Path(scratch).parent == tmp_path
+        host.kill()
+        host.wait(timeout=10)
+        deadline = time.monotonic() + 3
+        while (_running(pid) or Path(scratch).exists()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(pid), "the orphaned worker is still running"
+        assert not Path(scratch).exists(), "the orphaned worker left its scratch directory"
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait(timeout=10)
+        for pipe in (host.stdout, host.stderr):
+            pipe.close()
+        if pid is not None and _running(pid) and b"rlm.sandbox.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)  # do not leave a spinning worker behind a failed test
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+# -- what only the in-process sandbox has to get right -------------------------------------------
+
+
+@pytest.fixture
+def inprocess_sandbox(bridge: RecordingBridge):
+    box = create_sandbox("inprocess", bridge)
+    yield box
+    box.close()
+
+
+def test_inprocess_cell_output_never_reaches_the_host_stdout(inprocess_sandbox, capsys):
+    result = run(inprocess_sandbox, "import sys\nprint('cell says hi')\nprint('cell err', file=sys.stderr)")
+    assert result.stdout == "cell says hi\n" and result.stderr == "cell err\n"
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_inprocess_host_prints_from_other_threads_are_not_captured(inprocess_sandbox, bridge, capsys):
+    def host_prints_meanwhile() -> None:
+        # Runs while the cell is mid-way, in another thread of the host.
+        thread = threading.Thread(target=lambda: print("host progress line"))
+        thread.start()
+        thread.join()
+
+    bridge.during_call = host_prints_meanwhile
+    result = run(inprocess_sandbox, "print('cell before')\nllm_query('x')\nprint('cell after')")
+    assert result.stdout == "cell before\ncell after\n"
+    assert capsys.readouterr().out == "host progress line\n"
