@@ -45,7 +45,9 @@ BATCHED = (
 
 def _episode(server_kwargs: dict, root_replies: list[str], context: str, sandbox: str) -> tuple[float, RLM_REPL]:
     with FakeOpenAIServer(root=list(root_replies), **server_kwargs) as server:
-        rlm = RLM_REPL(model="fake", recursive_model="fake", api_url=server.url, sandbox=sandbox, max_iterations=5)
+        rlm = RLM_REPL(
+            model="fake", recursive_model="fake", api_url=server.url, sandbox=sandbox, max_iterations=5, cache=False
+        )
         started = time.perf_counter()
         answer = rlm.completion(context=context, query="What does it say?")
         elapsed = time.perf_counter() - started

@@ -12,7 +12,9 @@ code in a cell reaches back into the event loop for `llm_query` and `rlm_query`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
@@ -21,16 +23,17 @@ from rlm._text import clean_text, truncate_middle
 from rlm.errors import BudgetExceeded, ClientError
 from rlm.parsing import ParsedReply, parse_reply
 from rlm.repl import REPLEnv, SandboxFactory
-from rlm.sandbox import ContextSource, ExecResult, SubCallFailed
+from rlm.sandbox import ContextSource, ExecResult, SandboxLimits, SubCallFailed
 from rlm.usage import CallRecord, Usage, UsageLedger, price_call
 from rlm.utils import prompts
 from rlm.utils.llm import Completion, LLMClient
 from rlm.utils.tracing import Final, LLMCall, RunStart, SubCall, Tracer, new_run_id
 
-__all__ = ["Limits", "Run", "Settings", "Tree"]
+__all__ = ["Limits", "Run", "Settings", "Tree", "recorded_settings"]
 
 _CHARS_PER_TOKEN_SAFE = 3  # conservative: code and numbers pack fewer characters per token
 _SHORTENED_OUTPUT = 2_000
+_UNWIND_WAIT = 1.0  # seconds a stopped run waits for its running cell to unwind before closing it
 _FEEDBACK_ROOM = 4_096  # room for block labels and notes around outputs cut to max_output_length
 
 
@@ -62,6 +65,7 @@ class Settings:
     max_concurrency: int
     cache: bool
     limits: Limits
+    sandbox_limits: SandboxLimits = SandboxLimits()  # memory, CPU time, file size of each worker
 
 
 class Tree:
@@ -86,23 +90,32 @@ class Tree:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
     def check_budget(self, new_sub_calls: int = 0) -> None:
-        """Raise BudgetExceeded if a limit is reached, or would be by `new_sub_calls` more calls."""
+        """Raise BudgetExceeded if a limit is reached, or would be passed by `new_sub_calls` more.
+
+        Cost, tokens and time are spent once they reach the limit; sub-calls only when more
+        would be made than allowed (a root turn after exactly `max_sub_calls` is fine).
+        """
         limits = self.settings.limits
         cost, tokens, sub_calls = self.ledger.totals(self.first_record)
         elapsed = time.monotonic() - self.started
-        for name, allowed, spent, extra in (
-            ("max_cost", limits.max_cost, cost, 0),
-            ("max_tokens", limits.max_tokens, tokens, 0),
-            ("max_sub_calls", limits.max_sub_calls, sub_calls, new_sub_calls),
-            ("max_time", limits.max_time, elapsed, 0),
+        for name, allowed, spent in (
+            ("max_cost", limits.max_cost, cost),
+            ("max_tokens", limits.max_tokens, tokens),
+            ("max_time", limits.max_time, elapsed),
         ):
-            if allowed is not None and (spent >= allowed or spent + extra > allowed):
+            if allowed is not None and spent >= allowed:
                 raise BudgetExceeded(name, allowed, spent)
+        allowed = limits.max_sub_calls
+        if allowed is not None and sub_calls + new_sub_calls > allowed:
+            raise BudgetExceeded("max_sub_calls", allowed, sub_calls)
 
-    async def model_call(self, client: LLMClient, messages: list[dict], max_tokens: int | None = None) -> Completion:
-        """One model request under the tree's limiter, after a budget check."""
+    async def model_call(
+        self, client: LLMClient, messages: list[dict], max_tokens: int | None = None, *, sub_call: bool
+    ) -> Completion:
+        """One model request under the tree's limiter, after a budget check (`sub_call`: it
+        counts against max_sub_calls: any call below the top-level root model)."""
         async with self.limiter:
-            self.check_budget()
+            self.check_budget(new_sub_calls=1 if sub_call else 0)
             return await client.acomplete(messages, max_tokens=max_tokens)
 
     def record(self, role: str, depth: int, model: str, base_url: str, usage: Usage, hit: bool = False) -> float | None:
@@ -118,9 +131,12 @@ class Run:
     """One RLM loop at `depth` (0 for the top level), with its own REPL session."""
 
     def __init__(
-        self, tree: Tree, *, depth: int, parent_id: str | None, client: LLMClient, run_id: str | None = None
+        self, tree: Tree, *, depth: int, parent_id: str | None, client: LLMClient, run_id: str | None = None,
+        origin: dict | None = None,
     ) -> None:
         self.tree = tree
+        self.origin = origin or {}  # a child run: the parent's turn, cell and batch item that started it
+        self.cell = 0  # cells run so far (the index of the running one), as the exec events count them
         self.depth = depth
         self.parent_id = parent_id
         self.client = client
@@ -130,6 +146,10 @@ class Run:
         self.settings = tree.settings
         self.can_sub_call = depth < self.settings.max_depth
         self.can_recurse = depth + 1 < self.settings.max_depth
+        self._waiting: set[concurrent.futures.Future] = set()  # cells' sub-calls being answered
+        self._waiting_lock = threading.Lock()
+        self._ended = False
+        self._cell: concurrent.futures.Future | None = None  # the cell running now, or the last one
 
     async def answer(self, query: str, source: ContextSource) -> str | None:
         """Run the loop to a final answer, or None after max_iterations turns."""
@@ -144,16 +164,21 @@ class Run:
                 run_id=self.run_id, parent_id=self.parent_id, depth=self.depth, query=query, context=info,
                 root_model=self.client.model, sub_model=self.settings.sub_client.model, sandbox=env.sandbox.name,
                 max_iterations=self.settings.max_iterations, system_prompt=system,
+                settings=recorded_settings(self.settings) if self.depth == 0 else None, **self.origin,
             ))
             return await self._loop(env, query, _Conversation(system, prompts.first_user_message(query, info)))
         finally:
-            env.close()
+            try:
+                await self._end()
+            finally:
+                env.close()
 
     def _open_env(self) -> REPLEnv:
         return REPLEnv(
             bridge=self._bridge, tracer=self.tree.tracer, run_id=self.run_id, depth=self.depth,
+            parent_id=self.parent_id,
             sandbox=self.settings.sandbox, exec_timeout=self.settings.exec_timeout,
-            max_output_length=self.settings.max_output_length,
+            max_output_length=self.settings.max_output_length, limits=self.settings.sandbox_limits,
         )
 
     async def _loop(self, env: REPLEnv, query: str, conversation: "_Conversation") -> str | None:
@@ -175,7 +200,9 @@ class Run:
     async def _ask(self, conversation: "_Conversation") -> Completion:
         shortened = conversation.fit(await self._window(), self.settings.reply_tokens)
         new_messages, unchanged = conversation.unsent(), conversation.unchanged_prefix()
-        completion = await self.tree.model_call(self.client, conversation.messages, self.settings.reply_tokens)
+        completion = await self.tree.model_call(
+            self.client, conversation.messages, self.settings.reply_tokens, sub_call=self.depth > 0
+        )
         conversation.add_reply(completion.text)
         if self.depth == 0:
             self.tree.last_root_reply = completion.text
@@ -200,7 +227,7 @@ class Run:
         turn = _Turn()
         code_failed = False
         for index, code in enumerate(parsed.repl_blocks, start=1):
-            result = await self.tree.blocking(env.run, code)
+            result = await self._run_cell(env, code)
             turn.feedback.append(_describe_result(index, len(parsed.repl_blocks), result))
             code_failed = code_failed or result.error is not None
             if result.final is not None:
@@ -227,7 +254,7 @@ class Run:
         else:
             # Resolved as a cell: turning a model-made object into text runs model code, which
             # must have the same time limit and error reporting as any other cell.
-            result = await self.tree.blocking(env.run, f"FINAL_VAR({final.variable!r})")
+            result = await self._run_cell(env, f"FINAL_VAR({final.variable!r})")
             if result.final is not None and result.final.strip():
                 turn.answer, turn.source = result.final, "reply"
             elif result.final is not None:
@@ -240,23 +267,62 @@ class Run:
     # -- the host side of llm_query / rlm_query ---------------------------------------------
 
     def _bridge(self, kind: str, items: list) -> list[str]:
-        """Called from the thread running a cell; answers on the event loop."""
+        """Called from the thread running a cell; answers on the event loop.
+
+        When the run ends under a cell still waiting here (a budget's hard stop), the wait is
+        cancelled: the cell unwinds at once and its sub-calls stop instead of running on.
+        """
         future = asyncio.run_coroutine_threadsafe(self._serve(kind, items), self._loop_ref)
-        return future.result()
+        with self._waiting_lock:
+            self._waiting.add(future)
+            if self._ended:
+                future.cancel()
+        try:
+            return future.result()
+        finally:
+            with self._waiting_lock:
+                self._waiting.discard(future)
+
+    async def _run_cell(self, env: REPLEnv, code: str) -> ExecResult:
+        self.cell += 1
+        self._cell = self.tree.executor.submit(env.run, code)
+        return await asyncio.wrap_future(self._cell)
+
+    async def _end(self) -> None:
+        """Release a cell still waiting on a sub-call (the run was stopped), and let it unwind
+        before its sandbox is closed under it."""
+        with self._waiting_lock:
+            self._ended = True
+            waiting = list(self._waiting)
+        for future in waiting:
+            future.cancel()
+        if self._cell is not None and not self._cell.done():
+            unwound = asyncio.wrap_future(self._cell)
+            done, _ = await asyncio.wait([unwound], timeout=_UNWIND_WAIT)
+            for future in done:
+                if not future.cancelled():
+                    future.exception()  # retrieved and dropped: the run has already ended
+            if not done:
+                unwound.cancel()  # closing the sandbox stops it
 
     async def _serve(self, kind: str, items: list) -> list[str]:
         if not self.can_sub_call:
             raise SubCallFailed("sub-calls are off in this run (max_depth reached): work with code alone")
         self.tree.check_budget(new_sub_calls=len(items))
         if kind in ("llm_query", "llm_query_batched"):
-            calls = [lambda p=prompt, i=index: self._sub_call(p, i, kind) for index, prompt in enumerate(items)]
+            size = len(items) if kind == "llm_query_batched" else None
+            calls = [
+                lambda p=prompt, i=index: self._sub_call(p, i, kind, size=size) for index, prompt in enumerate(items)
+            ]
         else:
             calls = [lambda q=item, i=index: self._child(q, i) for index, item in enumerate(items)]
         if len(calls) == 1:
             return [await calls[0]()]
         return await _gather_batch([call() for call in calls])
 
-    async def _sub_call(self, prompt: str, index: int | None, kind: str, note: str | None = None) -> str:
+    async def _sub_call(
+        self, prompt: str, index: int | None, kind: str, note: str | None = None, size: int | None = None
+    ) -> str:
         client = self.tree.settings.sub_client
         prompt = clean_text(prompt)
         key = (client.model, prompt)
@@ -264,13 +330,13 @@ class Run:
         if cache is not None and key in cache:
             reply = await asyncio.shield(cache[key])
             self.tree.record("sub", self.depth + 1, client.model, client.base_url, Usage(), hit=True)
-            self._trace_sub(kind, prompt, reply, None, 0.0, index, None, note, cache_hit=True)
+            self._trace_sub(kind, prompt, reply, None, 0.0, index, None, note, cache_hit=True, size=size)
             return reply
         pending: asyncio.Future = asyncio.get_running_loop().create_future()
         if cache is not None:
             cache[key] = pending
         try:
-            reply = await self._fresh_sub_call(client, prompt, index, kind, note)
+            reply = await self._fresh_sub_call(client, prompt, index, kind, note, size)
         except BaseException as exc:
             if cache is not None:
                 del cache[key]  # a failure is not remembered: a later identical call tries again
@@ -280,17 +346,21 @@ class Run:
         pending.set_result(reply)
         return reply
 
-    async def _fresh_sub_call(self, client: LLMClient, prompt: str, index: int | None, kind: str, note: str | None) -> str:
+    async def _fresh_sub_call(
+        self, client: LLMClient, prompt: str, index: int | None, kind: str, note: str | None, size: int | None
+    ) -> str:
         started = time.perf_counter()
         try:
-            completion = await self.tree.model_call(client, [{"role": "user", "content": prompt}])
+            completion = await self.tree.model_call(client, [{"role": "user", "content": prompt}], sub_call=True)
         except ClientError as exc:
-            self._trace_sub(kind, prompt, "", None, time.perf_counter() - started, index, str(exc), note)
+            self._trace_sub(kind, prompt, "", None, time.perf_counter() - started, index, str(exc), note, size=size)
             if exc.is_request_error:
                 raise SubCallFailed(f"the sub-model rejected the request: {exc}") from None
             raise
         cost = self.tree.record("sub", self.depth + 1, client.model, client.base_url, completion.usage)
-        self._trace_sub(kind, prompt, completion.text, completion, completion.latency, index, None, note, cost=cost)
+        self._trace_sub(
+            kind, prompt, completion.text, completion, completion.latency, index, None, note, cost=cost, size=size
+        )
         return completion.text
 
     async def _child(self, item: dict, index: int) -> str:
@@ -298,7 +368,10 @@ class Run:
         if not self.can_recurse:
             prompt = query if context is None else f"{query}\n\n{_as_text(context)}"
             return await self._sub_call(prompt, index, "rlm_query", note="max_depth reached: answered as llm_query")
-        child = Run(self.tree, depth=self.depth + 1, parent_id=self.run_id, client=self.tree.settings.sub_client)
+        origin = {"parent_turn": self.turn, "parent_cell": self.cell, "batch_index": index}
+        child = Run(
+            self.tree, depth=self.depth + 1, parent_id=self.run_id, client=self.tree.settings.sub_client, origin=origin
+        )
         source = ContextSource(value=query if context is None else context)
         answer = await child.answer(query, source)
         if answer is None:
@@ -310,15 +383,33 @@ class Run:
     def _trace_sub(
         self, kind: str, prompt: str, reply: str, completion: Completion | None, latency: float,
         index: int | None, error: str | None, note: str | None, *, cost: float | None = 0.0, cache_hit: bool = False,
+        size: int | None = None,
     ) -> None:
         self.tree.tracer.emit(SubCall(
             run_id=self.run_id, parent_id=self.parent_id, depth=self.depth + 1, turn=self.turn,
             model=self.tree.settings.sub_client.model, prompt=prompt, reply=reply,
             usage=dataclasses.asdict(completion.usage) if completion is not None else {},
             cost=cost if completion is not None or cache_hit else None, latency=latency, batch_index=index,
-            error=error, kind=kind, note=note, cache_hit=cache_hit,
+            error=error, kind=kind, note=note, cache_hit=cache_hit, cell=self.cell, batch_size=size,
         ))
 
+
+
+def recorded_settings(settings: Settings) -> dict[str, Any]:
+    """The settings a replay needs to run the same loop again (traced in the top run's run_start).
+
+    Clients are left out (a replay serves the recorded replies); a sandbox factory or a custom
+    prompt is recorded by name ("custom") or text.
+    """
+    return {
+        "prompt": settings.prompt, "max_iterations": settings.max_iterations,
+        "max_output_length": settings.max_output_length, "exec_timeout": settings.exec_timeout,
+        "sandbox": settings.sandbox if isinstance(settings.sandbox, str) else "custom",
+        "sub_call_chars": settings.sub_call_chars, "context_window": settings.context_window,
+        "reply_tokens": settings.reply_tokens, "max_depth": settings.max_depth,
+        "max_concurrency": settings.max_concurrency, "cache": settings.cache,
+        "limits": dataclasses.asdict(settings.limits),
+    }
 
 
 async def _gather_batch(coroutines: list[Awaitable[str]]) -> list[str]:
@@ -330,17 +421,22 @@ async def _gather_batch(coroutines: list[Awaitable[str]]) -> list[str]:
     tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
     pending = set(tasks)
     fatal: BaseException | None = None
-    while pending:
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if task.cancelled():
-                continue
-            error = task.exception()
-            if error is not None and not isinstance(error, SubCallFailed) and fatal is None:
-                fatal = error
-                if not isinstance(error, BudgetExceeded):
-                    for other in pending:
-                        other.cancel()
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.cancelled():
+                    continue
+                error = task.exception()
+                if error is not None and not isinstance(error, SubCallFailed) and fatal is None:
+                    fatal = error
+                    if not isinstance(error, BudgetExceeded):
+                        for other in pending:
+                            other.cancel()
+    except asyncio.CancelledError:  # the run was stopped (a hard time limit): its calls stop with it
+        for task in pending:
+            task.cancel()
+        raise
     if fatal is not None:
         raise fatal
     failures = [(index, task.exception()) for index, task in enumerate(tasks) if task.exception() is not None]
@@ -375,7 +471,7 @@ class _Conversation:
         self.messages: list[dict] = [{"role": "system", "content": system}, {"role": "user", "content": first_user}]
         self._observations: list[int] = []  # indices of user messages holding REPL output
         self._shortened: set[int] = set()
-        self._sent = 0
+        self._sent = 1  # the system prompt is traced once, in run_start, not again as a new message
         self._last_request: list[dict] = []
 
     def add_reply(self, text: str) -> None:
@@ -409,17 +505,22 @@ class _Conversation:
         if not window:
             return 0
         budget = window - (reply_tokens or min(8192, window // 4))
+        newest = len(self.messages) - 1
+        older_outputs = [i for i in self._observations if i != newest]
         replies = [i for i, m in enumerate(self.messages[:-2]) if m["role"] == "assistant"]
         count = 0
-        for index in [*self._observations, *replies]:
+        # The newest output, which the model has not seen yet, is cut only as a last resort.
+        for index in [*older_outputs, *replies, *([newest] if newest in self._observations else [])]:
             if self._estimate() <= budget:
                 break
             if index in self._shortened:
                 continue
             message = self.messages[index]
-            self.messages[index] = {**message, "content": truncate_middle(message["content"], _SHORTENED_OUTPUT)}
             self._shortened.add(index)
-            count += 1
+            shorter = truncate_middle(message["content"], _SHORTENED_OUTPUT)
+            if shorter != message["content"]:
+                self.messages[index] = {**message, "content": shorter}
+                count += 1
         if count:
             last = self.messages[-1]
             last["content"] += (

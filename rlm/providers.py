@@ -91,5 +91,5 @@ def _anthropic_client(model: str, url: str, key: str | None, timeout: float, max
             f"the anthropic provider needs the optional extra: pip install 'rlm[anthropic]' ({exc})"
         ) from None
     if model == "auto":
-        raise ConfigError("name the Anthropic model, e.g. 'anthropic:claude-sonnet-4-5'; 'auto' is not supported")
+        raise ConfigError("name the Anthropic model, e.g. 'anthropic:claude-haiku-4-5'; 'auto' is not supported")
     return AnthropicClient(model, api_url=url, api_key=key, timeout=timeout, max_retries=max_retries)

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rlm.errors import ContextError
-from rlm.sandbox import ContextSource, ExecResult, LLMBridge, Sandbox, create_sandbox
+from rlm.sandbox import ContextSource, ExecResult, LLMBridge, SandboxFactory, SandboxLimits, create_sandbox
 from rlm.utils.tracing import CodeExec, Tracer
 
 __all__ = ["REPLEnv", "SandboxFactory", "context_source"]
 
-SandboxFactory = Callable[[LLMBridge], Sandbox]
 
 
 def context_source(context: Any) -> ContextSource:
@@ -59,18 +58,23 @@ class REPLEnv:
         tracer: Tracer,
         run_id: str,
         depth: int = 0,
+        parent_id: str | None = None,
         sandbox: str | SandboxFactory = "subprocess",
         exec_timeout: float = 120.0,
         max_output_length: int = 500_000,
+        limits: SandboxLimits | None = None,
     ) -> None:
         self.tracer = tracer
         self.run_id = run_id
         self.depth = depth
+        self.parent_id = parent_id
         self.exec_timeout = exec_timeout
         self.max_output_length = max_output_length
         self.turn = 0
         self._cells = 0
-        self.sandbox = create_sandbox(sandbox, bridge) if isinstance(sandbox, str) else sandbox(bridge)
+        self._closed = False
+        limits = limits if limits is not None else SandboxLimits()
+        self.sandbox = create_sandbox(sandbox, bridge, limits) if isinstance(sandbox, str) else sandbox(bridge, limits)
 
     def load_context(self, context: Any) -> dict:
         """Load the context (a user value, or a checked ContextSource) into the session.
@@ -84,9 +88,12 @@ class REPLEnv:
         """Run one cell of model code and record it in the trace."""
         self._cells += 1
         result = self.sandbox.run(code, timeout=self.exec_timeout, max_output=self.max_output_length)
+        if self._closed:
+            return result  # the run was cancelled while this cell ran: it is no longer part of the trace
         self.tracer.emit(
             CodeExec(
                 run_id=self.run_id,
+                parent_id=self.parent_id,
                 depth=self.depth,
                 turn=self.turn,
                 index=self._cells,
@@ -102,6 +109,7 @@ class REPLEnv:
         return result
 
     def close(self) -> None:
+        self._closed = True
         self.sandbox.close()
 
     def __enter__(self) -> "REPLEnv":

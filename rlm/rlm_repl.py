@@ -18,7 +18,7 @@ from rlm.errors import BudgetExceeded, ConfigError
 from rlm.providers import resolve_client
 from rlm.repl import SandboxFactory, context_source
 from rlm.rlm import RLM
-from rlm.sandbox import SANDBOXES
+from rlm.sandbox import SandboxLimits, check_available
 from rlm.usage import UsageLedger
 from rlm.utils import prompts
 from rlm.utils.llm import LLMClient
@@ -26,6 +26,7 @@ from rlm.utils.tracing import ErrorEvent, Event, RunEnd, Tracer, new_run_id, res
 
 __all__ = ["RLM_REPL"]
 
+_MAX_SETTING = 1e12  # larger is a mistake (and NaN or inf would break the timers)
 _TIME_GRACE = 1.1  # the hard stop comes at 110% of max_time (+1 s): calls already running may finish
 
 
@@ -38,7 +39,7 @@ class RLM_REPL(RLM):
 
     Args:
         model: root model: a name, "auto" (the endpoint's first model) or "provider:name"
-            (e.g. "openai:gpt-5-mini", "anthropic:claude-sonnet-4-5", "ollama:qwen3").
+            (e.g. "openai:gpt-5-mini", "anthropic:claude-haiku-4-5", "ollama:qwen3").
         recursive_model: the sub-model, in the same forms.
         max_iterations: root turns before giving up (completion() then returns None).
         max_output_length: REPL output kept per stream before the middle is cut.
@@ -49,6 +50,12 @@ class RLM_REPL(RLM):
         sandbox: "subprocess" (default), "inprocess" (no isolation), another registered
             level, or a factory.
         exec_timeout: seconds one cell may run (time waiting for sub-calls not counted).
+        memory_limit: bytes of address space a REPL worker may use (default 4 GiB; None: no
+            limit); past it model code gets MemoryError. It must hold the context twice (mapped
+            file and `str`): raise it for contexts over ~1.5 GB or non-ASCII ones over ~500 MB.
+        cpu_time_limit: CPU seconds a worker may use in its life (None: no limit); past it
+            the worker is replaced and the model told its variables are gone.
+        file_size_limit: largest file model code may write in its scratch directory (1 GiB).
         system_prompt: "default", "cautious", "small", or a full custom prompt text.
         context_window: root model's window in tokens, when the server does not report it.
         max_concurrency: most model calls in flight at once in the whole call tree.
@@ -76,6 +83,9 @@ class RLM_REPL(RLM):
         sub_client: LLMClient | None = None,
         sandbox: str | SandboxFactory = "subprocess",
         exec_timeout: float = 120.0,
+        memory_limit: int | None = SandboxLimits.memory,
+        cpu_time_limit: float | None = None,
+        file_size_limit: int | None = SandboxLimits.file_size,
         system_prompt: str = "default",
         context_window: int | None = None,
         max_concurrency: int = 16,
@@ -94,6 +104,9 @@ class RLM_REPL(RLM):
     ) -> None:
         _check_arguments(locals())
         prompts.system_prompt(system_prompt)  # an unknown prompt name fails here, not mid-run
+        self.sandbox_limits = SandboxLimits(memory=memory_limit, cpu_time=cpu_time_limit, file_size=file_size_limit)
+        if isinstance(sandbox, str):  # an unknown or unavailable level fails here, not mid-run
+            check_available(sandbox, self.sandbox_limits)
         options = {"api_url": api_url, "api_key": api_key, "timeout": request_timeout, "max_retries": max_retries}
         self.client: LLMClient = client or resolve_client(model, **options)
         self.sub_client: LLMClient = sub_client or resolve_client(recursive_model, **options)
@@ -106,9 +119,10 @@ class RLM_REPL(RLM):
             max_output_length=max_output_length, exec_timeout=exec_timeout, sandbox=sandbox, prompt=system_prompt,
             sub_call_chars=sub_call_chars, context_window=context_window, reply_tokens=max_reply_tokens,
             max_depth=max_depth, max_concurrency=max_concurrency, cache=cache, limits=self.limits,
+            sandbox_limits=self.sandbox_limits,
         )
         self.ledger = UsageLedger()
-        self.tracer = Tracer(resolve_log_dir(log_dir), [on_event] if on_event else None)
+        self.tracer = Tracer(resolve_log_dir(log_dir), [on_event] if on_event else None, secrets=[api_key])
 
     # -- the public API --------------------------------------------------------------------
 
@@ -224,8 +238,6 @@ def _check_arguments(args: dict[str, Any]) -> None:
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
         raise ConfigError(f"max_depth must be 0 (no sub-calls), 1 (plain sub-calls) or more, got {depth!r}")
     sandbox = args["sandbox"]
-    if isinstance(sandbox, str) and sandbox not in SANDBOXES:
-        raise ConfigError(f"unknown sandbox {sandbox!r}; choose one of: {', '.join(SANDBOXES)}")
     if not isinstance(sandbox, str) and not callable(sandbox):
         raise ConfigError(f"sandbox must be a name such as 'subprocess' or a factory, got {sandbox!r}")
     for name in ("client", "sub_client"):
@@ -243,6 +255,6 @@ def _require(args: dict[str, Any], kind: type, *names: str, optional: bool = Fal
         value = args[name]
         if value is None and optional:
             continue
-        if isinstance(value, bool) or not isinstance(value, allowed) or value <= 0:
-            what = "a positive number" if kind is float else "a positive whole number"
+        if isinstance(value, bool) or not isinstance(value, allowed) or not 0 < value < _MAX_SETTING:
+            what = "a positive finite number" if kind is float else "a positive whole number"
             raise ConfigError(f"{name} must be {what}, got {value!r}")

@@ -2,11 +2,15 @@
 
 - `ScriptedModel`: an in-memory client that answers from a list or a function.
 - `FakeOpenAIServer`: a real HTTP server on 127.0.0.1 speaking the OpenAI chat-completions
-  protocol (`GET /v1/models`, `POST /v1/chat/completions`), with faults on demand: error
-  statuses, Retry-After, delays, malformed bodies, `content: null`, missing usage.
+  protocol (`GET /v1/models`, `POST /v1/chat/completions`) and a minimal Anthropic Messages
+  API (`POST /v1/messages`), with faults on demand: error statuses, Retry-After, delays,
+  malformed bodies, `content: null`, missing usage.
+- `replay_clients(path)`: clients that answer from a recorded trajectory (record once,
+  replay in CI; see `rlm.replay`).
 
-Root-model requests are told apart from sub-calls by their first message: the root loop
-always starts with a system message; `llm_query` sends a single user message.
+Root-model requests are told apart from sub-calls by their system prompt: the root loop
+always sends one (a first system message, or Anthropic's `system` field); `llm_query` sends
+a single user message.
 """
 
 from __future__ import annotations
@@ -19,13 +23,18 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
 
 from rlm.errors import RLMError
 from rlm.usage import Usage
 from rlm.utils.llm import Completion, estimate_tokens
 
-__all__ = ["FakeReply", "ScriptedModel", "FakeOpenAIServer", "is_root_request"]
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from rlm.replay import ReplaySession
+
+__all__ = ["FakeReply", "ScriptedModel", "FakeOpenAIServer", "is_root_request", "message_text", "replay_clients"]
 
 
 @dataclass
@@ -33,8 +42,10 @@ class FakeReply:
     """How the fake server answers one chat request.
 
     `content` is the message text (None sends `"content": null`); `status` other than 200
-    sends an OpenAI-style error body; `raw` replaces the whole body with these bytes;
+    sends an error body (OpenAI's shape, or Anthropic's on its route); `raw` replaces the whole body with these bytes;
     `delay` waits before answering; `usage` is "auto" (counted), None (omitted) or a dict.
+    `anthropic_usage` is the `usage` object sent on the Anthropic route (default: counted,
+    no cache reads or writes; `usage=None` omits it there too).
     """
 
     content: str | None = ""
@@ -44,6 +55,7 @@ class FakeReply:
     usage: Any = "auto"
     headers: dict[str, str] = field(default_factory=dict)
     finish_reason: str = "stop"
+    anthropic_usage: dict | None = None
 
 
 Reply = Union[str, None, FakeReply]
@@ -51,9 +63,26 @@ Responder = Callable[[dict], Reply]
 
 
 def is_root_request(request: dict) -> bool:
-    """True for a root-model request (it starts with a system message)."""
+    """True for a root-model request: it has a system prompt (OpenAI: a first system message;
+    Anthropic: a `system` field)."""
+    if request.get("system"):
+        return True
     messages = request.get("messages") or [{}]
     return messages[0].get("role") == "system"
+
+
+def message_text(message: dict) -> str:
+    """The text of one request message, whether its content is a string or a list of blocks."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(block.get("text", "") for block in content if isinstance(block, dict))
+    return content or ""
+
+
+def _prompt_chars(request: dict) -> int:
+    system = request.get("system")
+    chars = len(message_text({"content": system})) if system else 0
+    return chars + sum(len(message_text(m)) for m in request.get("messages", []))
 
 
 def _from_script(script: Iterable[Reply] | Callable[[dict], Reply], name: str) -> Responder:
@@ -116,7 +145,7 @@ class ScriptedModel:
             self.requests.append([dict(message) for message in messages])
         text = self._next(messages)
         reply = text if isinstance(text, str) else ""
-        prompt_chars = sum(len(message.get("content") or "") for message in messages)
+        prompt_chars = sum(len(message_text(message)) for message in messages)
         usage = Usage(input_tokens=estimate_tokens(prompt_chars), output_tokens=estimate_tokens(reply))
         return Completion(text=reply, usage=usage, model=self.model, latency=self._delay, content_missing=text is None)
 
@@ -133,7 +162,9 @@ class FakeOpenAIServer:
     `root` answers root-model requests and `sub` answers `llm_query` sub-calls; each is a
     list of replies (str, None or FakeReply) used in order, or a function of the request
     JSON. `responder` answers every chat request instead. `models_reply` overrides the
-    `GET /models` answer (a FakeReply), for fault tests.
+    `GET /models` answer (a FakeReply), for fault tests. Requests to the Anthropic route
+    (base URL `root_url`, as the Anthropic SDK adds `/v1/messages` itself) are answered
+    and recorded the same way, in Anthropic's response shape.
     """
 
     def __init__(
@@ -164,11 +195,16 @@ class FakeOpenAIServer:
 
     @property
     def url(self) -> str:
-        """Base URL to give a client, ending in /v1."""
+        """Base URL to give an OpenAI-compatible client, ending in /v1."""
+        return f"{self.root_url}/v1"
+
+    @property
+    def root_url(self) -> str:
+        """Base URL without /v1: what the Anthropic SDK takes (it posts to /v1/messages)."""
         if self._server is None:
             raise RuntimeError("the fake server is not running; use it in a with block or call start()")
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{host}:{port}"
 
     def fail_next(self, *replies: FakeReply) -> None:
         """Answer the next chat requests with these replies first (faults, in order)."""
@@ -257,7 +293,7 @@ def _completion_body(request: dict, reply: FakeReply) -> dict:
         ],
     }
     if reply.usage == "auto":
-        prompt = sum(len(m.get("content") or "") for m in request.get("messages", []))
+        prompt = _prompt_chars(request)
         completion = estimate_tokens(reply.content or "")
         body["usage"] = {
             "prompt_tokens": estimate_tokens(prompt),
@@ -267,6 +303,39 @@ def _completion_body(request: dict, reply: FakeReply) -> dict:
     elif reply.usage is not None:
         body["usage"] = reply.usage
     return body
+
+
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+
+
+def _messages_body(request: dict, reply: FakeReply) -> dict:
+    """An Anthropic Messages API response."""
+    body: dict[str, Any] = {
+        "id": "msg_fake",
+        "type": "message",
+        "role": "assistant",
+        "model": request.get("model", "fake-model"),
+        "content": [] if reply.content is None else [{"type": "text", "text": reply.content}],
+        "stop_reason": _STOP_REASONS.get(reply.finish_reason, reply.finish_reason),
+        "stop_sequence": None,
+    }
+    if reply.anthropic_usage is not None:
+        body["usage"] = reply.anthropic_usage
+    elif reply.usage is not None:
+        body["usage"] = {
+            "input_tokens": estimate_tokens(_prompt_chars(request)),
+            "output_tokens": estimate_tokens(reply.content or ""),
+            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": 0,
+        }
+    return body
+
+
+def _error_body(reply: FakeReply, anthropic: bool) -> bytes:
+    message = reply.content or f"fake error {reply.status}"
+    if anthropic:
+        return json.dumps({"type": "error", "error": {"type": "fake_error", "message": message}}).encode()
+    return json.dumps({"error": {"message": message, "type": "fake_error", "code": reply.status}}).encode()
 
 
 def _handler_for(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
@@ -299,20 +368,26 @@ def _handler_for(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             except ValueError:
                 self._send(400, b'{"error": {"message": "request body is not JSON"}}')
                 return
-            if not self.path.rstrip("/").endswith("/chat/completions"):
+            path = self.path.rstrip("/")
+            if path.endswith("/chat/completions"):
+                shape = _completion_body
+            elif path.endswith("/messages"):  # Anthropic: the SDK posts to <root>/v1/messages
+                shape = _messages_body
+            else:
                 self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}).encode())
                 return
             server._wait(server.latency)
             reply = server._chat_reply(request)
-            self._send_reply(request, reply, lambda: _completion_body(request, reply))
+            self._send_reply(request, reply, lambda: shape(request, reply), anthropic=shape is _messages_body)
 
-        def _send_reply(self, request: dict, reply: FakeReply, body: Callable[[], dict]) -> None:
+        def _send_reply(
+            self, request: dict, reply: FakeReply, body: Callable[[], dict], anthropic: bool = False
+        ) -> None:
             server._wait(reply.delay)
             if reply.raw is not None:
                 payload = reply.raw
             elif reply.status != 200:
-                payload = json.dumps({"error": {"message": reply.content or f"fake error {reply.status}",
-                                                "type": "fake_error", "code": reply.status}}).encode()
+                payload = _error_body(reply, anthropic)
             else:
                 payload = json.dumps(body()).encode()
             self._send(reply.status, payload, reply.headers)
@@ -330,3 +405,13 @@ def _handler_for(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 pass  # the client gave up (a timeout test); nothing to answer
 
     return Handler
+
+
+def replay_clients(path: "str | Path") -> "ReplaySession":
+    """A `rlm.replay.ReplaySession` for a trajectory file: pass `.root` and `.sub` as `client=`
+    and `sub_client=` of an `RLM_REPL`, run the same query and context, then call
+    `.assert_same(answer)` (or read `.divergence`)."""
+    from rlm.replay import ReplaySession
+    from rlm.trajectory import load
+
+    return ReplaySession(load(path))

@@ -111,7 +111,7 @@ class UsageLedger:
         records = self.records()[since:]
         cost = float(sum(r.cost for r in records if r.cost is not None))
         tokens = sum(r.usage.total_tokens for r in records)
-        return cost, tokens, sum(1 for r in records if r.depth > 0)
+        return cost, tokens, sum(1 for r in records if r.depth > 0 and not r.cache_hit)
 
     def summary(self, since: int = 0) -> dict:
         """Totals of the top root model and of everything below it, the total cost in USD, and

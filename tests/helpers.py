@@ -12,6 +12,7 @@ from rlm.testing import ScriptedModel
 FENCE = "```"
 SANDBOXES = ["inprocess", "subprocess"]
 
+
 # -- scripted runs of the root loop ------------------------------------------------------------
 
 

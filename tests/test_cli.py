@@ -118,6 +118,36 @@ def test_ctrl_c_exits_130_without_traceback(context_file: Path) -> None:
     assert "interrupted" in stderr and "Traceback" not in stderr
 
 
+def test_sigterm_exits_130_and_leaves_no_scratch_directory(context_file: Path, tmp_path: Path) -> None:
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    with FakeOpenAIServer(root=[FakeReply(content="FINAL(late)", delay=5)]) as server:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rlm", "ask", "q", "--context", str(context_file), "--api-url", server.url],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**_child_env(), "TMPDIR": str(scratch_root)},
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not server.chat_requests(root=True) and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert server.chat_requests(root=True), "the run never asked the model"
+            assert len(list(scratch_root.glob("rlm-session-*"))) == 1  # the worker's, while the run goes on
+            sent = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            stdout, stderr = process.communicate(timeout=10)
+            took = time.monotonic() - sent
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=10)
+    assert process.returncode == ExitCode.INTERRUPTED, stderr
+    assert took < 4
+    assert stdout == ""
+    assert "interrupted" in stderr.splitlines()[-1] and "Traceback" not in stderr
+    assert list(scratch_root.glob("rlm-session-*")) == []
+
+
 def test_status_on_a_terminal_is_a_rich_line_on_stderr(context_file: Path) -> None:
     master, slave = pty.openpty()
     with FakeOpenAIServer(root=LENGTH_THEN_42, latency=0.3) as server:
@@ -293,9 +323,20 @@ def test_log_dir_writes_the_trajectory(context_file: Path, tmp_path: Path) -> No
     assert f"trajectory: {trajectory}" in result.stderr
 
 
+def test_a_log_dir_that_cannot_be_made_exits_2_with_one_line(context_file: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory", encoding="utf-8")
+    result = invoke("ask", "q", "--context", str(context_file), "--api-url", closed_port_url(),
+                    "--log-dir", str(blocker / "sub"))
+    assert result.exit_code == ExitCode.BAD_INPUT
+    assert result.stdout == ""
+    message = one_line(result.stderr)
+    assert str(blocker / "sub") in message and "--log-dir" in message
+
+
 def test_exit_codes_are_the_documented_ones() -> None:
     assert {code.name: int(code) for code in ExitCode} == {
-        "ANSWERED": 0, "NO_ANSWER": 1, "BAD_INPUT": 2, "ENDPOINT": 3, "SANDBOX": 4, "INTERNAL": 70,
+        "ANSWERED": 0, "NO_ANSWER": 1, "BAD_INPUT": 2, "ENDPOINT": 3, "SANDBOX": 4, "BUDGET": 5, "REPLAY_DIVERGED": 6, "INTERNAL": 70,
         "INTERRUPTED": 130,
     }
 
@@ -324,6 +365,14 @@ def test_each_failure_maps_to_its_exit_code_and_one_line(error: BaseException, c
     failure = failure_for(error)
     assert failure.code is code
     assert says in one_line(failure.message)
+
+
+@pytest.mark.parametrize("error", [KeyError(), KeyError("oops"), AttributeError("'NoneType' has no attribute 'get'")])
+def test_an_unexpected_exception_exits_70_with_one_line_naming_its_type(error: Exception) -> None:
+    failure = failure_for(error)
+    assert failure.code is ExitCode.INTERNAL and int(failure.code) == 70
+    line = one_line(failure.message)
+    assert line.startswith(f"error: {type(error).__name__}") and "report" in line
 
 
 def test_unknown_option_is_a_usage_error_exit_2(context_file: Path) -> None:

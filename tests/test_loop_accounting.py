@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from helpers import make, repl
+from helpers import SANDBOXES, make, repl
+from rlm.errors import ConfigError
 from rlm.rlm_repl import RLM_REPL
-from rlm.testing import ScriptedModel
+from rlm.testing import FakeOpenAIServer, ScriptedModel
 from rlm.utils.llm import estimate_tokens
 
 
@@ -77,6 +78,21 @@ def test_usage_adds_up_across_runs_and_reset_clears_usage_and_trace() -> None:
     assert rlm.trace == []
     assert rlm.completion(context="c", query="q") == "three"
     assert rlm.cost_summary()["root"]["calls"] == 1
+
+
+def test_run_end_usage_covers_only_its_own_run_while_cost_summary_counts_all() -> None:
+    first = [repl("print(llm_query('one'), llm_query('two'))"), "FINAL(first)"]
+    rlm, _, _ = make([*first, "FINAL(second)"], lambda messages: "sub reply")
+    assert rlm.completion(context="c", query="q") == "first"
+    assert rlm.completion(context="c", query="q") == "second"
+    end = rlm.trace[-1]
+    assert end.type == "run_end"
+    own_calls = sum(1 for event in rlm.trace if event.type == "llm_call")
+    assert own_calls == 1
+    assert end.usage["root"]["calls"] == own_calls and end.usage["sub"]["calls"] == 0
+    total = rlm.cost_summary()
+    assert total["root"]["calls"] == 3 and total["sub"]["calls"] == 2
+    assert end.usage["root"]["input_tokens"] < total["root"]["input_tokens"]
 
 
 # -- tracing ---------------------------------------------------------------------------------
@@ -147,3 +163,35 @@ def test_log_dir_argument_wins_over_the_environment(tmp_path: Path, monkeypatch:
     _traced_episode(log_dir=str(tmp_path / "arg"))
     assert len(list((tmp_path / "arg").glob("*.jsonl"))) == 1
     assert not (tmp_path / "env").exists()
+
+
+def _echo(request: dict) -> str:
+    return request["messages"][0]["content"]
+
+
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_lone_surrogates_from_model_code_reach_neither_server_nor_trace(sandbox: str, tmp_path: Path) -> None:
+    """Such text cannot be encoded as UTF-8: it is replaced before it crosses HTTP or lands in the JSONL."""
+    code = "print(chr(0xd800))\nreply = llm_query('a' + chr(0xdc80))\nprint('sub said', reply)"
+    with FakeOpenAIServer(root=[repl(code), "FINAL(done)"], sub=_echo) as server:
+        with RLM_REPL("root-model", "sub-model", api_url=server.url, sandbox=sandbox, log_dir=str(tmp_path),
+                      max_retries=0) as rlm:
+            assert rlm.completion(context="c", query="q") == "done"
+        sub_prompts = [request["messages"][0]["content"] for request in server.chat_requests(root=False)]
+    assert sub_prompts == ["a?"]
+    [trajectory] = tmp_path.glob("*.jsonl")
+    events = [json.loads(line) for line in trajectory.read_bytes().decode("utf-8").splitlines()]  # strict UTF-8
+    assert [event["type"] for event in events] == [event.type for event in rlm.trace]
+    assert events[-1]["type"] == "run_end" and events[-1]["status"] == "answered"
+    executed = next(event for event in events if event["type"] == "exec")
+    assert executed["stdout"] == "?\nsub said a?\n"
+
+
+def test_a_log_dir_that_cannot_be_made_is_a_config_error_before_any_request(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory", encoding="utf-8")
+    rlm, root, _ = make(["FINAL(never)"], log_dir=str(blocker / "sub"))
+    with pytest.raises(ConfigError, match="log") as caught:
+        rlm.completion(context="c", query="q")
+    assert str(blocker / "sub") in str(caught.value) and "RLM_LOG_DIR" in str(caught.value)
+    assert root.requests == []

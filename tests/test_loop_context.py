@@ -181,6 +181,28 @@ def test_oldest_outputs_are_shortened_to_fit_the_window_and_the_model_is_told(ho
     assert "E" * size in last_user(requests[5])  # the newest output is whole
 
 
+def test_old_replies_are_shortened_too_when_they_are_what_fills_the_window() -> None:
+    """Long prose around tiny code: shortening the (small) REPL outputs alone could never fit."""
+    window = 8_000
+    prose = ("The ledger lists each shipment with its date, origin and weight. " * 100)[:6_000]
+    replies = [f"{prose}\n{repl(f'print({turn})')}" for turn in range(6)] + ["FINAL(fitted)"]
+    rlm, root, _ = make(replies, window=window)
+    assert rlm.completion(context="c", query="q") == "fitted"
+
+    requests = root.requests
+    assert len(requests) == 7
+    for turn, request in enumerate(requests):
+        assert sum(len(message["content"]) for message in request) / 3 <= window
+        if turn:
+            assert request[-2] == {"role": "assistant", "content": replies[turn - 1]}  # the latest reply is whole
+    last = requests[-1]
+    assert all(len(message["content"]) < 2_500 for message in last[2:-2] if message["role"] == "assistant")
+    assert any("characters omitted" in message["content"] for message in last if message["role"] == "assistant")
+    assert "earlier message(s) of this conversation were shortened" in last_user(requests[3])
+    for request in requests[:3]:
+        assert "to fit your context window" not in json.dumps(request)
+
+
 def test_without_a_known_window_nothing_is_shortened() -> None:
     replies = [_printing_turn(letter, 8_000) for letter in "ABC"] + ["FINAL(ok)"]
     rlm, root, _ = make(replies)

@@ -120,6 +120,24 @@ def test_state_persists_across_turns() -> None:
     assert "3" in last_user(root.requests[2])
 
 
+# -- max_depth=0: no sub-calls ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_max_depth_zero_turns_sub_calls_off_and_the_model_is_told(sandbox: str) -> None:
+    code = "try:\n    llm_query('hi')\nexcept Exception as exc:\n    print('single:', exc)\nllm_query_batched(['a'])"
+    rlm, root, sub = make([repl(code), "FINAL(done)"], max_depth=0, sandbox=sandbox)
+    assert rlm.completion(context="c", query="q") == "done"
+    system = root.requests[0][0]["content"]
+    assert system == prompts.system_prompt("default", sub_calls=False)
+    assert "llm_query" not in system and "sub-model" in system  # it says there is none
+    note = last_user(root.requests[1])
+    assert "single: sub-calls are off" in note  # an exception model code can catch
+    assert note.count("sub-calls are off") == 2  # the batched call raised it too
+    assert sub.requests == []
+    assert rlm.cost_summary()["sub"]["calls"] == 0
+
+
 # -- the README usage example ------------------------------------------------------------------
 
 README_EXAMPLE = """\

@@ -96,7 +96,6 @@ def test_multi_line_final_stops_at_the_next_fence() -> None:
     assert parsed.repl_blocks == ["x = (1)"]
 
 
-
 @pytest.mark.parametrize(
     ("reply", "answer"),
     [
@@ -114,6 +113,7 @@ def test_final_ends_at_its_balanced_closing_paren(reply: str, answer: str) -> No
     parsed = parse_reply(reply)
     assert parsed.final is not None and parsed.final.answer == answer
     assert parsed.problems == []
+
 
 # -- FINAL_VAR ---------------------------------------------------------------------------
 

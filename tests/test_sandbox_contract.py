@@ -137,7 +137,6 @@ def test_llm_query_batched_reaches_the_bridge_and_keeps_order(sandbox, bridge):
     assert len(bridge.calls) == 1  # an empty batch costs no call
 
 
-
 THREADED_QUERIES = """\
 from concurrent.futures import ThreadPoolExecutor
 prompts = [f'{{i:04d}}' + 'p' * {size} + f'{{i:04d}}' for i in range({count})]
@@ -154,6 +153,7 @@ def test_llm_query_from_many_threads_gets_each_prompt_its_own_answer(sandbox, br
     assert ok(sandbox, THREADED_QUERIES.format(count=count, size=size)) == f"{count} []\n"
     assert len(bridge.calls) == count
     assert ok(sandbox, "print(llm_query('after the threads'))") == "AFTER THE THREADS\n"
+
 
 def test_failed_sub_call_is_an_exception_the_model_can_catch(sandbox, bridge):
     bridge.fail_with = "the sub-model is overloaded"

@@ -12,11 +12,13 @@ Every run writes its trajectory (JSONL) under the log directory it is given.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Iterator
 
 from rlm.bench.tasks import Task
 from rlm.errors import ConfigError, RLMError
@@ -45,7 +47,7 @@ class RunSettings:
     """How every method runs, the same for all of them."""
 
     max_iterations: int = 20
-    max_tokens: int | None = None
+    max_reply_tokens: int | None = None  # cap on each root reply (None: the server's default)
     sandbox: str = "subprocess"
     exec_timeout: float = 120.0
     system_prompt: str = "default"
@@ -53,12 +55,49 @@ class RunSettings:
     max_concurrency: int = 16  # sub-calls in flight within one run
 
 
+_Pair = tuple[LLMClient, LLMClient]
+
+
 @dataclass(frozen=True)
 class Models:
-    """The clients every run shares: root model and sub-model."""
+    """The root model and sub-model of a bench run.
 
-    root: LLMClient
-    sub: LLMClient
+    `make()` gives a fresh (root, sub) client pair for one run, as a context manager that
+    releases them after: clients keep connection state per event loop, so runs going on at
+    the same time must not share one. The names are the models' real ids, for the results.
+    """
+
+    root_name: str
+    sub_name: str
+    make: Callable[[], ContextManager[_Pair]]
+
+    @classmethod
+    def from_endpoint(cls, model: str, sub_model: str, *, api_url: str | None = None, max_retries: int = 3) -> "Models":
+        """Models at an endpoint (specs as `RLM_REPL` takes them); "auto" is resolved now, so an
+        unreachable endpoint fails here, before any run."""
+        from rlm.providers import resolve_client
+
+        def pair(root_spec: str, sub_spec: str) -> _Pair:
+            root = resolve_client(root_spec, api_url=api_url, max_retries=max_retries)
+            return root, resolve_client(sub_spec, api_url=api_url, max_retries=max_retries)
+
+        @contextlib.contextmanager
+        def make(root_spec: str, sub_spec: str) -> Iterator[_Pair]:
+            root, sub = pair(root_spec, sub_spec)
+            try:
+                yield root, sub
+            finally:
+                root.close()
+                sub.close()
+
+        with make(model, sub_model) as (root, sub):
+            names = (root.model, sub.model)
+        return cls(names[0], names[1], functools.partial(make, *names))
+
+    @classmethod
+    def fixed(cls, root: LLMClient, sub: LLMClient) -> "Models":
+        """The same two clients for every run: for clients that may be shared (test fakes)."""
+        return cls(root.model, sub.model, lambda: contextlib.nullcontext((root, sub)))
 
 
 @dataclass
@@ -99,17 +138,18 @@ def unavailable_reason(method: str) -> str | None:
 def run_method(method: str, task: Task, models: Models, settings: RunSettings, log_dir: Path) -> Outcome:
     """Run `method` on `task`; failures of the endpoint or sandbox become an "error" outcome."""
     runner: Callable[..., Outcome] = _run_base if method == "base" else _run_rlm
-    return runner(method, task, models, settings, log_dir)
+    with models.make() as clients:
+        return runner(method, task, clients, settings, log_dir)
 
 
-def _run_rlm(method: str, task: Task, models: Models, settings: RunSettings, log_dir: Path) -> Outcome:
+def _run_rlm(method: str, task: Task, clients: _Pair, settings: RunSettings, log_dir: Path) -> Outcome:
     from rlm.rlm_repl import RLM_REPL
 
     engine = RLM_REPL(
-        max_iterations=settings.max_iterations, client=models.root, sub_client=models.sub,
+        max_iterations=settings.max_iterations, client=clients[0], sub_client=clients[1],
         sandbox=settings.sandbox, exec_timeout=settings.exec_timeout, system_prompt=settings.system_prompt,
         context_window=settings.context_window, max_concurrency=settings.max_concurrency,
-        max_depth=_DEPTH[method], max_tokens=settings.max_tokens, log_dir=str(log_dir),
+        max_depth=_DEPTH[method], max_reply_tokens=settings.max_reply_tokens, log_dir=str(log_dir),
     )
     started = time.perf_counter()
     answer, error = None, None
@@ -148,35 +188,36 @@ def _without_context(prompt: str, task: Task, kept: int) -> str:
     return prompt.replace(task.context[:kept], f"<the first {kept:,} characters of the context>", 1)
 
 
-def _run_base(method: str, task: Task, models: Models, settings: RunSettings, log_dir: Path) -> Outcome:
-    window = settings.context_window or models.root.context_window()
+def _run_base(method: str, task: Task, clients: _Pair, settings: RunSettings, log_dir: Path) -> Outcome:
+    root = clients[0]
+    window = settings.context_window or root.context_window()
     if not window:
         raise ConfigError(
             "the base method needs the root model's context window, and the server does not report it; "
             "pass it with --context-window (tokens)"
         )
-    reply_tokens = settings.max_tokens or min(_DEFAULT_REPLY_TOKENS, window // 4)
+    reply_tokens = settings.max_reply_tokens or min(_DEFAULT_REPLY_TOKENS, window // 4)
     prompt, kept = base_prompt(task, window, reply_tokens)
     tracer, run_id = Tracer(log_dir), new_run_id()
     tracer.start(run_id)
     tracer.emit(RunStart(
         run_id=run_id, query=task.question, context={"type": "str", "total_length": len(task.context), "kept": kept},
-        root_model=models.root.model, sub_model="", sandbox="none", max_iterations=1, system_prompt="",
+        root_model=root.model, sub_model="", sandbox="none", max_iterations=1, system_prompt="",
     ))
     started = time.perf_counter()
     ledger, answer, error = UsageLedger(), None, None
     try:
-        reply = models.root.complete([{"role": "user", "content": prompt}], max_tokens=settings.max_tokens)
+        reply = root.complete([{"role": "user", "content": prompt}], max_tokens=settings.max_reply_tokens)
     except RLMError as exc:
         error = f"{type(exc).__name__}: {exc}"
         tracer.emit(ErrorEvent(run_id=run_id, turn=1, kind=type(exc).__name__, message=str(exc)))
     else:
-        cost = price_call(models.root.model, models.root.base_url, reply.usage)
-        ledger.add(CallRecord("root", 0, models.root.model, reply.usage, cost))
+        cost = price_call(root.model, root.base_url, reply.usage)
+        ledger.add(CallRecord("root", 0, root.model, reply.usage, cost))
         answer = reply.text if reply.text.strip() else None
         tracer.emit(LLMCall(
-            run_id=run_id, turn=1, model=models.root.model, new_messages=[{"role": "user", "content": _without_context(prompt, task, kept)}],
-            message_count=1, reply=reply.text, usage=dataclasses.asdict(reply.usage), cost=cost,
+            run_id=run_id, turn=1, model=root.model, new_messages=[{"role": "user", "content": _without_context(prompt, task, kept)}],
+            message_count=1, prefix_unchanged=0, reply=reply.text, usage=dataclasses.asdict(reply.usage), cost=cost,
             latency=reply.latency, finish_reason=reply.finish_reason,
         ))
         if answer is not None:

@@ -16,9 +16,11 @@ from typing import Annotated, Any
 import typer
 
 from rlm import __version__
+from rlm.cli import bench, local, view
 from rlm.cli.exits import BadInput, ExitCode, Failure, failure_for, no_answer
+from rlm.cli.local import local_endpoint
 from rlm.cli.progress import Progress
-from rlm.sandbox import SANDBOXES
+from rlm.sandbox import SANDBOXES, parse_size
 from rlm.utils.prompts import PROMPTS
 
 __all__ = ["app", "run"]
@@ -48,21 +50,39 @@ def main(
 def ask(
     query: Annotated[str, typer.Argument(metavar="QUERY", help="The question to answer about the context.")],
     context: Annotated[str, typer.Option("--context", "-c", help="Text file with the context, or - for stdin.")],
-    model: Annotated[str, typer.Option(help="Root model, or 'auto' for the endpoint's first model.")] = "auto",
+    model: Annotated[
+        str, typer.Option(help="Root model, 'auto' for the endpoint's first model, or 'local' (the bundled model).")
+    ] = "auto",
     sub_model: Annotated[str, typer.Option(help="Sub-model for llm_query, or 'auto'.")] = "auto",
     api_url: Annotated[str | None, typer.Option(help=_API_URL_HELP)] = None,
     max_iterations: Annotated[int, typer.Option(min=1, help="Root turns before giving up.")] = 20,
     sandbox: Annotated[
-        str, typer.Option(metavar="|".join(SANDBOXES), help="Where model code runs ('inprocess': no isolation).")
+        str, typer.Option(metavar="|".join(SANDBOXES), help="Where model code runs ('strict', 'bwrap': isolated).")
     ] = "subprocess",
     exec_timeout: Annotated[
         float | None, typer.Option(show_default="120", help="Seconds one code cell may run.")
+    ] = None,
+    memory_limit: Annotated[
+        str, typer.Option(metavar="SIZE", help="Memory of the REPL worker, e.g. 8G, 512M, or none.")
+    ] = "4G",
+    cpu_time_limit: Annotated[
+        float | None, typer.Option(min=1, help="CPU seconds a REPL worker may use before it is replaced.")
     ] = None,
     prompt: Annotated[str, typer.Option(metavar="|".join(PROMPTS), help="System prompt to use.")] = "default",
     log_dir: Annotated[
         Path | None, typer.Option(help="Write the run's trajectory as JSONL here (default: $RLM_LOG_DIR).")
     ] = None,
+    keep_logs: Annotated[
+        bool, typer.Option("--keep-logs", help="Keep the trajectory ($RLM_LOG_DIR or the user data dir; see rlm runs).")
+    ] = False,
     max_retries: Annotated[int, typer.Option(min=0, help=_RETRIES_HELP)] = 3,
+    max_depth: Annotated[
+        int, typer.Option(min=0, help="1: llm_query calls the sub-model; 2+: rlm_query starts child RLMs; 0: none.")
+    ] = 1,
+    max_cost: Annotated[float | None, typer.Option(min=0, help="Stop at this cost in USD (known prices).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Stop at this many tokens, all calls.")] = None,
+    max_sub_calls: Annotated[int | None, typer.Option(min=1, help="Most calls below the root model.")] = None,
+    max_time: Annotated[float | None, typer.Option(min=0, help="Stop after this many seconds.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, status, usage.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No status line on stderr.")] = False,
 ) -> None:
@@ -75,14 +95,17 @@ def ask(
         source = _read_context(context, quiet=quiet)
         from rlm.rlm_repl import RLM_REPL
 
-        engine = RLM_REPL(
-            model, sub_model, max_iterations,
-            api_url=api_url, sandbox=sandbox, system_prompt=prompt, max_retries=max_retries,
-            log_dir=str(log_dir) if log_dir is not None else None, on_event=progress,
-            **({"exec_timeout": exec_timeout} if exec_timeout is not None else {}),
-        )
-        with progress:
-            answer = engine.completion(context=source, query=query)
+        with local_endpoint(model, sub_model, api_url, quiet=quiet) as (model, sub_model, api_url):
+            engine = RLM_REPL(
+                model, sub_model, max_iterations,
+                api_url=api_url, sandbox=sandbox, system_prompt=prompt, max_retries=max_retries,
+                log_dir=view.ask_log_dir(log_dir, keep_logs), on_event=progress,
+                max_depth=max_depth, max_cost=max_cost, max_tokens=max_tokens, max_sub_calls=max_sub_calls,
+                max_time=max_time, **({"exec_timeout": exec_timeout} if exec_timeout is not None else {}),
+                memory_limit=parse_size(memory_limit), cpu_time_limit=cpu_time_limit,
+            )
+            with progress:
+                answer = engine.completion(context=source, query=query)
     except (Exception, KeyboardInterrupt) as exc:  # every failure becomes one line and an exit code
         failure = failure_for(exc)
     trajectory = engine.tracer.path if engine is not None else None
@@ -130,6 +153,11 @@ def models(
         typer.echo(f"{row['id']:<{width}}  {window:,} tokens" if window else row["id"])
 
 
+bench.register(app)
+local.register(app)
+view.register(app)
+
+
 def run() -> None:
     """Console-script entry point (`rlm`, `python -m rlm`)."""
     signal.signal(signal.SIGTERM, _terminate)  # stop like Ctrl-C: workers killed, temp files removed
@@ -164,6 +192,8 @@ def _report(answer: str | None, failure: Failure | None, progress: Progress, tra
         status = "answered"
     elif failure is not None and failure.code is ExitCode.INTERRUPTED:
         status = "interrupted"
+    elif failure is not None and failure.code is ExitCode.BUDGET:
+        status = "budget_exceeded"
     elif end is not None and end.status == "max_iterations":
         status = "max_iterations"
     else:

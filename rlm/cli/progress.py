@@ -1,27 +1,45 @@
-"""Live progress of a run on stderr: turn, sub-calls, tokens and cost so far.
+"""Live progress of a run on stderr: turn, the code running, batches, tokens and cost so far.
 
-On a terminal it is one transient rich status line; otherwise (a pipe, a CI log) one short
-plain line per root turn. Either way a last line sums the run up. Nothing with --quiet.
+On a terminal it is a small live view (rich), redrawn in place and cleared at the end:
+
+    ⠋ turn 3/20, 12 sub-calls, 45,210 tokens, $0.0123
+      running cell 2 of 3: results = llm_query_batched([f"Summarize: {c}" for c in chunks])
+      batch ━━━━━━━━━━━━━━━━━━━━╺━━━━━━━━━━━━━━━━━━━ 31/64
+
+Otherwise (a pipe, a CI log) one short plain line per root turn, and one per finished batch.
+Either way a last line sums the run up. Nothing with --quiet.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from rlm.utils.tracing import Event, LLMCall, RunEnd, RunStart, SubCall
+from rlm.parsing import parse_reply
+from rlm.utils.tracing import CodeExec, Event, LLMCall, RunEnd, RunStart, SubCall
 
 __all__ = ["Progress"]
 
 Mode = Literal["rich", "plain", "off"]
+_CODE_LINES = 2  # lines of the running cell shown in the live view
+
+
+@dataclass
+class _Batch:
+    """A batch of sub-calls in flight: how many of its `total` calls have come back."""
+
+    total: int
+    done: int = 0
 
 
 class Progress:
     """Counts a run's trace events (pass the instance as `on_event`) and shows them on stderr.
 
-    Events may come from several threads at once (batched sub-calls), hence the lock. Use it
-    as a context manager around the run: the rich status line lives inside the block.
+    Events come from several threads at once (the event loop, cells, batched sub-calls): all
+    state is changed under one lock, and the live view is only handed finished renderables.
+    Use it as a context manager around the run: the live view lives inside the block.
     """
 
     def __init__(self, max_turns: int, mode: Mode) -> None:
@@ -33,8 +51,12 @@ class Progress:
         self.cost = 0.0
         self.unpriced = False
         self.end: RunEnd | None = None
+        self.child_runs = 0
+        self._blocks: list[str] = []  # code blocks of the top run's latest reply
+        self._running = 0  # index (from 1) of the block running now; 0 when waiting for the model
+        self._batches: dict[tuple[str, int, int | None], _Batch] = {}
         self._lock = threading.Lock()
-        self._status: Any = None  # rich.status.Status while running in "rich" mode
+        self._live: Any = None  # rich.live.Live while running in "rich" mode
 
     @classmethod
     def for_stderr(cls, max_turns: int, *, quiet: bool) -> "Progress":
@@ -44,27 +66,31 @@ class Progress:
 
     def __call__(self, event: Event) -> None:
         with self._lock:
-            turn_done = self._count(event)
-            line = self.line()
-        if self._status is not None:
-            from rich.text import Text
-
-            self._status.update(Text(line))
-        elif self.mode == "plain" and turn_done:
-            _say(line)
+            said = self._count(event)
+            live = self._live
+            view = self._view() if live is not None else None
+        if live is not None:
+            live.update(view)  # rich's Live takes updates from any thread
+        elif self.mode == "plain":
+            for line in said:
+                _say(line)
 
     def __enter__(self) -> "Progress":
         if self.mode == "rich":
             from rich.console import Console
+            from rich.live import Live
 
-            self._status = Console(stderr=True, force_terminal=True).status("starting")
-            self._status.start()
+            with self._lock:
+                self._live = Live(self._view(), console=Console(stderr=True, force_terminal=True),
+                                  refresh_per_second=8, transient=True)
+            self._live.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._status is not None:
-            self._status.stop()
-            self._status = None
+        with self._lock:
+            live, self._live = self._live, None
+        if live is not None:
+            live.stop()
         if self.mode != "off" and self.end is not None and self.end.status != "error":
             outcome = "answered after" if self.end.status == "answered" else "ran"
             _say(f"{outcome} {self.end.turns} turn(s): {self.totals()}, {self.end.duration:.1f} s")
@@ -78,21 +104,43 @@ class Progress:
         cost = f"${self.cost:.4f}" + (" + unpriced calls" if self.unpriced else "")
         return f"{self.sub_calls} {calls}, {self.tokens:,} tokens, {cost}"
 
-    def _count(self, event: Event) -> bool:
-        """Add the event to the totals; True when it ends a root model call."""
+    # -- counting (under the lock) ---------------------------------------------------------------
+
+    def _count(self, event: Event) -> list[str]:
+        """Add the event to the state; return the plain lines it completes."""
+        top = event.depth == 0 and event.parent_id is None
         if isinstance(event, RunStart):
-            self.turn = 1
+            if top:
+                self.turn = 1
+            else:
+                self.child_runs += 1
         elif isinstance(event, LLMCall):
-            self.turn = event.turn
             self._add(event.usage, event.cost)
-            return True
+            if top:
+                self.turn = event.turn
+                self._blocks, self._running = parse_reply(event.reply).repl_blocks, 1
+                return [self.line()]
+        elif isinstance(event, CodeExec) and top:
+            self._running = self._running + 1 if self._running < len(self._blocks) else 0
         elif isinstance(event, SubCall):
-            self.sub_calls += 1
-            if event.error is None:
-                self._add(event.usage, event.cost)
+            return self._count_sub_call(event)
         elif isinstance(event, RunEnd):
             self.end = event
-        return False
+        return []
+
+    def _count_sub_call(self, event: SubCall) -> list[str]:
+        self.sub_calls += 1
+        if event.error is None:
+            self._add(event.usage, event.cost)
+        if not event.batch_size:
+            return []
+        key = (event.run_id, event.turn, event.cell)
+        batch = self._batches.setdefault(key, _Batch(event.batch_size))
+        batch.done += 1
+        if batch.done < batch.total:
+            return []
+        del self._batches[key]
+        return [f"turn {event.turn}: batch of {batch.total} sub-calls done"] if batch.total > 1 else []
 
     def _add(self, usage: dict, cost: float | None) -> None:
         self.tokens += int(usage.get("input_tokens", 0)) + int(usage.get("output_tokens", 0))
@@ -100,6 +148,32 @@ class Progress:
             self.unpriced = True
         else:
             self.cost += cost
+
+    # -- the live view (built under the lock, drawn by rich's own thread) -----------------------
+
+    def _view(self) -> Any:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.spinner import Spinner
+        from rich.table import Table
+        from rich.text import Text
+
+        rows: list[Any] = [Spinner("dots", Text(self.line() if self.turn else "starting"))]
+        if self._running and self._blocks:
+            code = [line for line in self._blocks[self._running - 1].splitlines() if line.strip()]
+            label = f"running cell {self._running} of {len(self._blocks)}: "
+            shown = "\n".join([code[0] if code else "", *("    " + line for line in code[1:_CODE_LINES])])
+            rows.append(Text("  " + label + shown, style="dim", overflow="ellipsis", no_wrap=True))
+        elif self.turn:
+            rows.append(Text("  waiting for the model's reply", style="dim"))
+        for batch in list(self._batches.values())[-2:]:
+            grid = Table.grid(padding=(0, 1))
+            grid.add_row(Text("  batch"), ProgressBar(total=batch.total, completed=batch.done, width=40),
+                         Text(f"{batch.done}/{batch.total}"))
+            rows.append(grid)
+        if self.child_runs:
+            rows.append(Text(f"  {self.child_runs} child run(s) started", style="dim"))
+        return Group(*rows)
 
 
 def _say(line: str) -> None:

@@ -1,26 +1,76 @@
-"""Where model-written code runs. One module per backend, chosen by name through `create_sandbox`."""
+"""Where model-written code runs. One module per backend, chosen by name through `create_sandbox`.
+
+Levels, weakest first: `inprocess` (no isolation), `subprocess` (a worker process: crashes,
+hangs and limits, not hostile code), `strict` (the worker confined by Landlock and seccomp)
+and `bwrap` (the worker in bubblewrap namespaces, plus seccomp). A level this machine cannot
+provide raises SandboxUnavailable when created; there is never a silent fallback.
+"""
 
 from __future__ import annotations
 
 import importlib
 
 from rlm.errors import ConfigError
-from rlm.sandbox.base import ContextSource, ExecResult, LLMBridge, Sandbox, SubCallFailed
+from rlm.sandbox.base import (
+    ContextSource,
+    ExecResult,
+    LLMBridge,
+    Sandbox,
+    SandboxFactory,
+    SandboxLimits,
+    SubCallFailed,
+    parse_size,
+)
 
-__all__ = ["SANDBOXES", "ContextSource", "ExecResult", "LLMBridge", "Sandbox", "SubCallFailed", "create_sandbox"]
+__all__ = [
+    "SANDBOXES",
+    "ContextSource",
+    "ExecResult",
+    "LLMBridge",
+    "Sandbox",
+    "SandboxFactory",
+    "SandboxLimits",
+    "SubCallFailed",
+    "check_available",
+    "create_sandbox",
+    "parse_size",
+    "sandbox_class",
+]
 
 # name -> "module:Class"; imported only when chosen.
 SANDBOXES = {
     "subprocess": "rlm.sandbox.subprocess:SubprocessSandbox",
     "inprocess": "rlm.sandbox.inprocess:InProcessSandbox",
+    "strict": "rlm.sandbox.strict:StrictSandbox",
+    "bwrap": "rlm.sandbox.bwrap:BwrapSandbox",
 }
 
 
-def create_sandbox(name: str, bridge: LLMBridge) -> Sandbox:
-    """Start the sandbox registered under `name`, answering `llm_query` calls with `bridge`."""
+def create_sandbox(name: str, bridge: LLMBridge, limits: SandboxLimits | None = None) -> Sandbox:
+    """Start the sandbox registered under `name`, answering `llm_query` calls with `bridge`.
+
+    `limits` default to `SandboxLimits()`. Raises ConfigError for an unknown name and
+    SandboxUnavailable when this machine cannot provide the level.
+    """
+    return sandbox_class(name)(bridge, limits if limits is not None else SandboxLimits())
+
+
+def sandbox_class(name: str) -> type[Sandbox]:
+    """The class registered under `name` (ConfigError if none is)."""
     try:
         target = SANDBOXES[name]
     except KeyError:
         raise ConfigError(f"unknown sandbox {name!r}; choose one of: {', '.join(SANDBOXES)}") from None
     module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)(bridge)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def check_available(name: str, limits: SandboxLimits | None = None) -> None:
+    """Check a choice before any session starts, without starting anything.
+
+    ConfigError for an unknown name or limits the level cannot enforce; SandboxUnavailable
+    (saying what to install) if this machine cannot run the level.
+    """
+    chosen = sandbox_class(name)
+    chosen.check_limits(limits if limits is not None else SandboxLimits())
+    chosen.check_platform()

@@ -151,6 +151,17 @@ class Sandbox(abc.ABC):
     name: ClassVar[str]
     isolated: ClassVar[bool]  # False: model code can reach everything the host process can
 
+    @classmethod
+    def check_platform(cls) -> None:
+        """Raise SandboxUnavailable, saying what to install, if this machine cannot run this level.
+
+        Cheap (nothing is started), so callers can check a choice long before the first session.
+        """
+
+    @classmethod
+    def check_limits(cls, limits: SandboxLimits) -> None:
+        """Raise ConfigError if this level cannot enforce `limits` (every worker level can)."""
+
     @abc.abstractmethod
     def load_context(self, source: ContextSource) -> dict:
         """Load `context` into the session; return its description (type, lengths)."""

@@ -5,16 +5,28 @@ Use it for debugging and for trusted inputs only. Model code can read the host's
 
 Timeouts are best effort: an exception is raised asynchronously in the thread running the
 cell, which stops pure-Python loops but not a long call into C (a huge regex match, say).
-Output is captured per thread, so the host's own printing is never swallowed.
+Output is captured per thread, so the host's own printing is never swallowed. Limits
+(`SandboxLimits`) cannot be enforced here: asking for any but the defaults, or none, is an error.
+A `str` context is also kept encoded, as `context_bytes`: twice its size in memory.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 
-from rlm.sandbox.base import ContextSource, ExecResult, LLMBridge, Sandbox, SubCallFailed, result_from_session
+from rlm.errors import ConfigError
+from rlm.sandbox.base import (
+    ContextSource,
+    ExecResult,
+    LLMBridge,
+    Sandbox,
+    SandboxLimits,
+    SubCallFailed,
+    result_from_session,
+)
 from rlm.sandbox.worker import LLMQueryError, Session
 
 __all__ = ["InProcessSandbox"]
@@ -22,6 +34,10 @@ __all__ = ["InProcessSandbox"]
 
 class _CellTimeout(BaseException):
     """Raised asynchronously in a cell's thread when it runs past its limit."""
+
+
+class _SessionClosed(BaseException):
+    """Raised asynchronously in a cell's thread when the session is closed under it (Ctrl-C)."""
 
 
 class _HostFailure(BaseException):
@@ -34,10 +50,25 @@ class InProcessSandbox(Sandbox):
     name = "inprocess"
     isolated = False
 
-    def __init__(self, bridge: LLMBridge) -> None:
+    def __init__(self, bridge: LLMBridge, limits: SandboxLimits | None = None) -> None:
+        self.check_limits(limits if limits is not None else SandboxLimits())
         self._bridge = bridge
         self._session: Session | None = Session(self._call_bridge, process_wide=False)
         self._host_failure: Exception | None = None
+        self._cell_thread: int | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+
+    @classmethod
+    def check_limits(cls, limits: SandboxLimits) -> None:
+        """Only the defaults (which it ignores) or no limits at all: it enforces none."""
+        defaults = SandboxLimits()
+        names = ("memory", "cpu_time", "file_size")
+        if any(getattr(limits, name) not in (None, getattr(defaults, name)) for name in names):
+            raise ConfigError(
+                "the inprocess sandbox cannot enforce memory, CPU or file-size limits; "
+                "use sandbox='subprocess' (or 'strict' / 'bwrap') with limits"
+            )
 
     def _call_bridge(self, kind: str, prompts: list[str]) -> list[str]:
         try:
@@ -53,20 +84,25 @@ class InProcessSandbox(Sandbox):
     def load_context(self, source: ContextSource) -> dict:
         session = self._require()
         if source.path is not None:
-            return session.load_context_file(str(source.path), source.fmt)
-        return session.set_context(source.value)
+            return session.load_context_fd(os.open(source.path, os.O_RDONLY), source.fmt)
+        raw = source.value.encode("utf-8", "surrogatepass") if isinstance(source.value, str) else None
+        return session.set_context(source.value, raw)
 
     def run(self, code: str, *, timeout: float, max_output: int) -> ExecResult:
         session = self._require()
         watchdog = _Watchdog(threading.get_ident(), session, timeout)
         watchdog.start()
         outcome: dict = {"error": None, "stdout": "", "stderr": ""}
+        self._idle.clear()
+        self._cell_thread = threading.get_ident()
         try:
             try:
                 outcome = session.execute(code, max_output)
             finally:
+                self._cell_thread = None
+                self._idle.set()
                 watchdog.cancel()
-        except _CellTimeout:
+        except (_CellTimeout, _SessionClosed):
             pass  # delivered just after the cell ended; the cell's own result was already lost
         failure, self._host_failure = self._host_failure, None
         if failure is not None:
@@ -84,6 +120,15 @@ class InProcessSandbox(Sandbox):
         return self._session
 
     def close(self) -> None:
+        """Forget the namespace; a cell still running (the run was cancelled) is interrupted.
+
+        Like a timeout, the interruption stops Python code at once but a long call into C
+        only when it returns; close() waits for it at most a second.
+        """
+        thread = self._cell_thread
+        if thread is not None and thread != threading.get_ident():
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(_SessionClosed))
+            self._idle.wait(1.0)
         self._session = None
 
 

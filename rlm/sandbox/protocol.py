@@ -4,8 +4,16 @@ A frame is a 4-byte big-endian unsigned length followed by that many bytes of UT
 holding one object with an "op" key. JSON, never pickle: the worker runs untrusted code,
 so nothing it sends may be able to run code in the host when decoded.
 
-Host -> worker ops: "load_context", "exec", "get_var", "shutdown", "llm_result".
-Worker -> host ops: "ready", "result", "llm_query" (sent while a cell runs).
+Host -> worker ops: "setup" (limits and confinement, once, first), "load_context", "exec",
+"get_var", "shutdown", "llm_result".
+Worker -> host ops: "hello" (its pid as it sees it), "ready" (confined, serving), "context",
+"result", "var", "error", "llm_query" (sent while a cell runs).
+
+Start-up: the worker sends "hello"; the host answers "setup"; the worker applies it and says
+"ready". Files (the context) do not travel in frames: the host opens them and passes the
+descriptor over a Unix socket pair (SCM_RIGHTS), so a confined worker needs no path to them
+and the host never reads them. The worker's first byte on that socket carries its
+credentials, which tell the host the worker's pid in the host's own pid namespace.
 
 This module imports only the standard library: it is loaded inside the worker.
 """

@@ -2,51 +2,77 @@
 
 Protects the host from crashes, hangs and runaway output of model code; it does NOT protect
 against hostile code (the worker runs as the same user and can read what that user can).
-The worker gets a scrubbed environment, so API keys in the host's environment never reach it.
+The worker gets a scrubbed environment, so API keys in the host's environment never reach it,
+and the resource limits of `SandboxLimits` (address space, CPU time, file size).
 
 Timeouts: SIGINT first (the worker raises KeyboardInterrupt only inside model code, so
 variables survive); if the cell has not stopped after a grace period, SIGKILL, a new worker,
 and the context loaded again. Time the host spends answering `llm_query` is not counted
 against the cell's limit.
+
+Files: the context is never sent through the pipe. A `Path` context is opened here (never
+read) and its descriptor passed to the worker, which maps it; a `str` or JSON context is
+first written once, in 16 MiB pieces, to an unnamed temporary file on disk, which the kernel
+frees when the last descriptor to it closes, whatever happens to either process. Model
+code's scratch directory is removed on close, or by the worker itself if the host dies.
+
+The confined levels (`strict`, `bwrap`) are subclasses: they change how the worker is
+launched and what confinement it applies to itself before it says it is ready.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import weakref
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import IO, Any, Callable
 
 import rlm
 from rlm.errors import SandboxError
-from rlm.sandbox.base import ContextSource, ExecResult, LLMBridge, Sandbox, SubCallFailed, result_from_session
+from rlm.sandbox.base import (
+    ContextSource,
+    ExecResult,
+    LLMBridge,
+    Sandbox,
+    SandboxLimits,
+    SubCallFailed,
+    result_from_session,
+)
 from rlm.sandbox.protocol import FrameReader, ProtocolError, write_frame
+from rlm.sandbox.textfile import ascii_view
 
-__all__ = ["SubprocessSandbox"]
+__all__ = ["Launch", "SubprocessSandbox", "disk_tempdir", "package_root", "scrubbed_env"]
 
 INTERRUPT_GRACE = 1.0  # seconds between SIGINT and SIGKILL
 START_TIMEOUT = 30.0
 _WRITE_CHUNK = 16 << 20
 
 # The worker imports our package from where the host found it, nothing from the environment.
-_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from rlm.sandbox.worker import main; main()"
-
+BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from rlm.sandbox.worker import main; main()"
 
 # Host variables the worker may need to start Python at all; nothing else is passed on.
 _PASSED_ON = ("LD_LIBRARY_PATH",)
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def _scrubbed_env(scratch: Path) -> dict[str, str]:
+def scrubbed_env(home: str) -> dict[str, str]:
+    """The whole environment of a worker whose home and temporary directory is `home`."""
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(scratch),
-        "TMPDIR": str(scratch),
+        "HOME": home,
+        "TMPDIR": home,
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
     }
@@ -54,33 +80,115 @@ def _scrubbed_env(scratch: Path) -> dict[str, str]:
     return env
 
 
-class _Worker:
-    """One worker process and the pipes to it."""
+def package_root() -> str:
+    """The directory holding our `rlm` package (the worker imports it from there)."""
+    return str(Path(rlm.__file__).resolve().parent.parent)
 
-    def __init__(self, scratch: Path) -> None:
-        package_root = str(Path(rlm.__file__).resolve().parent.parent)
-        self.stderr_path = scratch / "worker-stderr.log"
-        with open(self.stderr_path, "ab") as stderr:
+
+@lru_cache(maxsize=1)
+def disk_tempdir() -> str:
+    """The temporary directory, or /var/tmp when that one lives in memory (tmpfs pins RAM)."""
+    default = tempfile.gettempdir()
+    if _filesystem_type(default) in ("tmpfs", "ramfs") and os.access("/var/tmp", os.W_OK):
+        if _filesystem_type("/var/tmp") not in ("tmpfs", "ramfs"):
+            return "/var/tmp"
+    return default
+
+
+def _filesystem_type(path: str) -> str:
+    path = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split()
+                point = fields[1].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        return ""
+    return kind
+
+
+def _write_text(handle: IO[bytes], text: str) -> None:
+    """Write `text` as UTF-8 in 16 MiB pieces; an ASCII string straight from its own buffer."""
+    view = ascii_view(text)
+    if view is not None:
+        for start in range(0, len(view), _WRITE_CHUNK):
+            handle.write(view[start : start + _WRITE_CHUNK])
+        return
+    for start in range(0, len(text), _WRITE_CHUNK):
+        handle.write(text[start : start + _WRITE_CHUNK].encode("utf-8", "surrogatepass"))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start one worker. The file channel's descriptor number is appended to `argv`."""
+
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    pass_fds: tuple[int, ...] = ()
+    signal_in_exit_code: bool = False  # a wrapper that reports a worker killed by N as 128 + N
+
+
+class _Worker:
+    """One worker process, the pipes to it, and the socket that carries file descriptors."""
+
+    def __init__(self, launch: Launch, setup: Callable[[int], dict]) -> None:
+        self.launch = launch
+        self.pid: int | None = None
+        self.pidfd: int | None = None
+        self.stderr = tempfile.TemporaryFile(prefix="rlm-worker-", dir=disk_tempdir())
+        self.files, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.files.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        try:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BOOT, package_root],  # cwd is the scratch dir
+                [*launch.argv, str(worker_end.fileno())],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=stderr,
-                cwd=scratch,
-                env=_scrubbed_env(scratch),
+                stderr=self.stderr,
+                cwd=launch.cwd,
+                env=launch.env,
+                pass_fds=(worker_end.fileno(), *launch.pass_fds),
                 start_new_session=True,
             )
+        except OSError as exc:
+            self.files.close()
+            self.stderr.close()
+            raise SandboxError(f"cannot start the REPL worker ({launch.argv[0]}): {exc}") from None
+        finally:
+            worker_end.close()
         self.reader = FrameReader(self.process.stdout.fileno())
+        self._handshake(setup, time.monotonic() + START_TIMEOUT)
+
+    def _handshake(self, setup: Callable[[int], dict], deadline: float) -> None:
+        ready = None
         try:
-            ready = self.receive(time.monotonic() + START_TIMEOUT)
-        except ProtocolError:
+            self.pid = self._peer_pid(deadline)
+            self.pidfd = os.pidfd_open(self.pid)
+            hello = self.receive(deadline)
+            if hello is not None and hello.get("op") == "hello":
+                self.send({"op": "setup", **setup(int(hello["pid"]))})
+                ready = self.receive(deadline)
+        except (ProtocolError, OSError):
             ready = None
         if ready is None or ready.get("op") != "ready":
             self.kill()
-            raise SandboxError(
-                f"the REPL worker ({sys.executable}) did not start: {self.stderr_tail() or 'no output'}. "
-                "Try sandbox='inprocess' to check the rest of your set-up."
-            )
+            output = self.stderr_tail() or "no output"
+            self.close_log()
+            raise SandboxError(f"the REPL worker ({self.launch.argv[0]}) did not start: {output}")
+
+    def _peer_pid(self, deadline: float) -> int:
+        """The worker's pid in our pid namespace, from the credentials on its first byte."""
+        self.files.settimeout(max(0.001, deadline - time.monotonic()))
+        data, ancillary, _, _ = self.files.recvmsg(1, socket.CMSG_SPACE(_CREDENTIALS.size))
+        self.files.settimeout(None)
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and data:
+                return _CREDENTIALS.unpack_from(payload)[0]
+        raise ProtocolError("the worker closed its file channel before saying who it is")
 
     def send(self, message: dict) -> None:
         try:
@@ -88,19 +196,41 @@ class _Worker:
         except (OSError, ValueError) as exc:  # ValueError: the pipe was already closed
             raise ProtocolError(f"cannot write to the worker: {exc}") from None
 
+    def send_file(self, handle: IO[bytes]) -> None:
+        try:
+            socket.send_fds(self.files, [b"f"], [handle.fileno()])
+        except OSError as exc:
+            raise ProtocolError(f"cannot pass a file to the worker: {exc}") from None
+
     def receive(self, deadline: float | None) -> dict | None:
         return self.reader.read(deadline)
 
+    def _signal(self, signum: int) -> None:
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signum)
+            except ProcessLookupError:
+                pass  # already gone
+
     def interrupt(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGINT)
+        self._signal(signal.SIGINT)
 
     def kill(self) -> None:
+        self._signal(signal.SIGKILL)
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)  # and anything the worker started
+            except ProcessLookupError:
+                pass
         self.process.wait()
-        for pipe in (self.process.stdin, self.process.stdout):
-            pipe.close()
+        self._close_handles()
+
+    def _close_handles(self) -> None:
+        for handle in (self.process.stdin, self.process.stdout, self.files):
+            handle.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
     def death_note(self) -> str:
         try:
@@ -108,16 +238,55 @@ class _Worker:
         except subprocess.TimeoutExpired:  # alive but talking nonsense: it cannot be trusted
             self.kill()
             code = self.process.returncode
-        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        if self.launch.signal_in_exit_code and code > 128:
+            code = -(code - 128)
+        how = _signal_note(-code) if code < 0 else f"exited with code {code}"
         tail = self.stderr_tail()
         return how + (f"; its last output:\n{tail}" if tail else "")
 
     def stderr_tail(self, limit: int = 2000) -> str:
-        try:
-            data = self.stderr_path.read_bytes()
-        except OSError:
+        if self.stderr.closed:
             return ""
-        return data[-limit:].decode("utf-8", "replace").strip()
+        size = os.fstat(self.stderr.fileno()).st_size
+        data = os.pread(self.stderr.fileno(), limit, max(0, size - limit))
+        return data.decode("utf-8", "replace").strip()
+
+    def close_log(self) -> None:
+        self.stderr.close()
+
+
+def _signal_note(signum: int) -> str:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = "unknown"
+    note = f"killed by signal {signum} ({name})"
+    if signum == signal.SIGXCPU:
+        note += ": it used up its CPU time limit"
+    return note
+
+
+class _Held:
+    """What a session holds outside Python: released by close() or when the sandbox is collected."""
+
+    def __init__(self, scratch: Path | None) -> None:
+        self.scratch = scratch
+        self.worker: _Worker | None = None
+        self.context_file: IO[bytes] | None = None
+
+    def drop_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.kill()
+            self.worker.close_log()
+            self.worker = None
+
+    def release(self) -> None:
+        self.drop_worker()
+        if self.context_file is not None:
+            self.context_file.close()
+            self.context_file = None
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 class SubprocessSandbox(Sandbox):
@@ -126,46 +295,101 @@ class SubprocessSandbox(Sandbox):
     name = "subprocess"
     isolated = False
 
-    def __init__(self, bridge: LLMBridge) -> None:
+    def __init__(self, bridge: LLMBridge, limits: SandboxLimits | None = None) -> None:
         self._bridge = bridge
-        self._scratch = Path(tempfile.mkdtemp(prefix="rlm-session-"))
+        self.limits = limits if limits is not None else SandboxLimits()
+        self.check_platform()
+        self._held = _Held(self._make_scratch())
+        self._finalizer = weakref.finalize(self, self._held.release)
         self._context_message: dict | None = None
-        self._worker: _Worker | None = None
         self._closed = False
-        self._finalizer = weakref.finalize(self, _cleanup, self._scratch, [None])
-        self._worker = self._start()
+        self._held.worker = self._start()
+
+    # -- what the confined levels change ----------------------------------------------------
+
+    def _make_scratch(self) -> Path | None:
+        return Path(tempfile.mkdtemp(prefix="rlm-session-", dir=disk_tempdir()))
+
+    def _launch(self) -> Launch:
+        scratch = str(self._held.scratch)
+        argv = [sys.executable, "-I", "-c", BOOT, package_root()]  # cwd is the scratch dir
+        return Launch(argv=argv, cwd=scratch, env=scrubbed_env(scratch))
+
+    def _confinement(self, worker_pid: int) -> dict[str, Any]:
+        """Landlock and seccomp settings for the worker's setup frame (none here)."""
+        return {}
+
+    # -- workers ---------------------------------------------------------------------------
 
     def _start(self) -> _Worker:
-        worker = _Worker(self._scratch)
-        self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _cleanup, self._scratch, [worker])
-        return worker
+        return _Worker(self._launch(), lambda pid: {"limits": self.limits.as_message(), **self._confinement(pid)})
+
+    @property
+    def _worker(self) -> _Worker | None:
+        return self._held.worker
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker's process id as the host sees it (None between a crash and the next cell)."""
+        return self._held.worker.pid if self._held.worker is not None else None
+
+    def _discard_worker(self) -> None:
+        self._held.drop_worker()
+
+    def _replace_worker(self) -> None:
+        self._discard_worker()
+        self._held.worker = self._start()
+        if self._context_message is not None:
+            self._send_context()
+
+    def _require_worker(self) -> _Worker:
+        if self._closed:
+            raise SandboxError("this REPL session is closed")
+        if self._held.worker is None:
+            self._replace_worker()
+        return self._held.worker
 
     # -- context ---------------------------------------------------------------------------
 
     def load_context(self, source: ContextSource) -> dict:
-        self._context_message = self._context_frame(source)
+        message, handle = self._context_file(source)
+        if self._held.context_file is not None:
+            self._held.context_file.close()
+        self._held.context_file = handle
+        self._context_message = message
         return self._send_context()
 
-    def _context_frame(self, source: ContextSource) -> dict:
+    def _context_file(self, source: ContextSource) -> tuple[dict, IO[bytes] | None]:
         if source.path is not None:
-            return {"op": "load_context", "path": str(source.path), "format": source.fmt}
+            return {"op": "load_context", "format": source.fmt}, open(source.path, "rb")  # noqa: SIM115
         if source.value is None:
-            return {"op": "load_context", "value": None}
-        target = self._scratch / ("context.txt" if isinstance(source.value, str) else "context.json")
-        with open(target, "wb") as handle:
-            if isinstance(source.value, str):
-                for start in range(0, len(source.value), _WRITE_CHUNK):
-                    handle.write(source.value[start : start + _WRITE_CHUNK].encode("utf-8", "surrogatepass"))
-            else:
-                handle.write(json.dumps(source.value, ensure_ascii=False).encode("utf-8"))
-        fmt = "text" if isinstance(source.value, str) else "json"
-        return {"op": "load_context", "path": str(target), "format": fmt}
+            return {"op": "load_context", "value": None}, None
+        handle = tempfile.TemporaryFile(prefix="rlm-context-", dir=disk_tempdir())
+        if isinstance(source.value, str):
+            _write_text(handle, source.value)
+            fmt = "text"
+        else:
+            text = io.TextIOWrapper(handle, encoding="utf-8")
+            json.dump(source.value, text, ensure_ascii=False)  # written piece by piece, never whole
+            text.flush()
+            text.detach()
+            fmt = "json"
+        handle.flush()
+        return {"op": "load_context", "format": fmt}, handle
 
     def _send_context(self) -> dict:
-        reply = self._request(self._context_message or {"op": "load_context", "value": None})
+        worker = self._require_worker()
+        message = self._context_message or {"op": "load_context", "value": None}
+        try:
+            if self._held.context_file is not None:
+                worker.send_file(self._held.context_file)
+            reply = self._request(message)
+        except ProtocolError as exc:
+            raise SandboxError(f"the REPL worker stopped while loading the context ({exc})") from None
         if reply["op"] != "context":
-            raise SandboxError(f"the REPL worker could not load the context: {reply.get('error')}")
+            error = reply.get("error") or ""
+            hint = "; raise the memory limit (memory_limit)" if error.startswith("MemoryError") else ""
+            raise SandboxError(f"the REPL worker could not load the context: {error}{hint}")
         return {key: value for key, value in reply.items() if key != "op"}
 
     def _request(self, message: dict) -> dict:
@@ -231,36 +455,10 @@ class SubprocessSandbox(Sandbox):
             self._discard_worker()
             raise
 
-    def _discard_worker(self) -> None:
-        if self._worker is not None:
-            self._worker.kill()
-        self._worker = None
-
-    def _replace_worker(self) -> None:
-        self._discard_worker()
-        self._worker = self._start()
-        if self._context_message is not None:
-            self._send_context()
-
     def get_variable(self, name: str) -> dict:
         reply = self._request({"op": "get_var", "name": name})
         return {key: value for key, value in reply.items() if key != "op"}
 
-    def _require_worker(self) -> _Worker:
-        if self._closed:
-            raise SandboxError("this REPL session is closed")
-        if self._worker is None:
-            self._replace_worker()
-        return self._worker
-
     def close(self) -> None:
         self._closed = True
         self._finalizer()
-        self._worker = None
-
-
-def _cleanup(scratch: Path, workers: list) -> None:
-    for worker in workers:
-        if worker is not None:
-            worker.kill()  # nothing in the worker needs a graceful end; its scratch goes next
-    shutil.rmtree(scratch, ignore_errors=True)

@@ -28,7 +28,8 @@ from rlm._text import BoundedText
 __all__ = ["FinalAnswer", "LLMQueryError", "Session", "SCAFFOLD_NAMES", "describe_context", "main"]
 
 SCAFFOLD_NAMES = (
-    "context", "llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "FINAL", "FINAL_VAR", "SHOW_VARS",
+    "context", "context_bytes", "llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched",
+    "FINAL", "FINAL_VAR", "SHOW_VARS",
 )
 _MAX_CHUNKS_LISTED = 100
 
@@ -154,6 +155,7 @@ class Session:
         self._llm = llm
         self._process_wide = process_wide
         self._context: Any = None
+        self._context_bytes: Any = None  # the raw bytes of a text context (an mmap in a worker)
         self._cells = 0
         self.running_user_code = False
         self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
@@ -170,22 +172,33 @@ class Session:
 
     # -- context -----------------------------------------------------------------------
 
-    def set_context(self, value: Any) -> dict:
+    def set_context(self, value: Any, raw: Any = None) -> dict:
+        """Make `value` the context; `raw` is what `context_bytes` shows (None for non-text)."""
         self._context = value
+        self._context_bytes = raw
+        self.namespace["context_bytes"] = raw
         self.namespace["context"] = value
         return describe_context(value)
 
-    def load_context_file(self, path: str, fmt: str) -> dict:
-        """Load the context from a file: 'text' is memory-mapped and decoded once, 'json' parsed."""
-        if fmt == "json":
-            with open(path, encoding="utf-8") as handle:
+    def load_context_fd(self, fd: int, fmt: str) -> dict:
+        """Load the context from an open file, which is closed here.
+
+        'json' is parsed. 'text' is memory-mapped (that mapping is `context_bytes`) and decoded
+        once into `context`; a pure-ASCII file is read straight into the string (textfile.py).
+        """
+        self.set_context(None)  # let a previous context go before the new one is built
+        with open(fd, "rb") as handle:
+            if fmt == "json":
+                handle.seek(0)  # the offset is shared with every other descriptor of this open file
                 return self.set_context(json.load(handle))
-        with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size == 0:
-                return self.set_context("")
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        return self.set_context(str(mapped, "utf-8", "replace"))
+                return self.set_context("", b"")
+            raw = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            from rlm.sandbox.textfile import read_ascii  # imports ctypes: only when a file comes
+
+            text = read_ascii(handle.fileno(), size)
+        return self.set_context(str(raw, "utf-8", "replace") if text is None else text, raw)
 
     # -- running cells ------------------------------------------------------------------
 
@@ -256,6 +269,7 @@ class Session:
     def _restore_scaffold(self) -> None:
         self.namespace.update(self._scaffold)
         self.namespace["context"] = self._context
+        self.namespace["context_bytes"] = self._context_bytes
 
     def _user_names(self) -> list[str]:
         return [
@@ -331,7 +345,9 @@ class Session:
         found = self.get_variable(key)
         if not found["found"]:
             raise NameError(f"FINAL_VAR: there is no variable named {key!r}. Variables: {found['names']}")
-        raise FinalAnswer(found["value"])
+        # Converted here, not through get_variable: a failing __str__ must reach the model as
+        # the exception it raised.
+        raise FinalAnswer(_as_answer(self.namespace[key]))
 
     def _show_vars(self) -> dict[str, str]:
         return {name: type(self.namespace[name]).__name__ for name in self._user_names()}
@@ -396,9 +412,14 @@ def _on_sigint(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    """Serve one session over frames on stdin/stdout until 'shutdown' or end of input."""
+    """Serve one session over frames on stdin/stdout until 'shutdown' or end of input.
+
+    argv: [.., package root, file-channel fd]: the Unix socket on which the host passes the
+    context's file descriptor (see protocol.py).
+    """
     global _session
-    from rlm.sandbox.protocol import FrameReader, write_frame
+    from rlm.sandbox.confine import apply
+    from rlm.sandbox.protocol import FrameReader, ProtocolError, write_frame
 
     # Keep the protocol on private descriptors, and point fds 0/1 elsewhere so that stray
     # writes from model code (os.write(1, ...), C extensions) cannot corrupt a frame.
@@ -408,6 +429,12 @@ def main() -> None:
     os.dup2(2, 1)
     sys.stdin = open(os.devnull, encoding="utf-8")
     reader = FrameReader(proto_in)
+    files = int(sys.argv[2])
+    os.write(files, b"\0")  # the kernel attaches our credentials: the host learns our pid as it sees it
+    write_frame(proto_out, {"op": "hello", "pid": os.getpid()})
+    apply(reader.read())  # limits, Landlock, seccomp: before any thread starts (see confine.py)
+    # A process forked by model code (where fork is allowed) must not talk to the host too.
+    os.register_at_fork(after_in_child=lambda: [os.close(fd) for fd in (proto_in, proto_out, files)])
 
     bridge_lock = threading.Lock()  # model code may call llm_query from several threads
 
@@ -421,21 +448,37 @@ def main() -> None:
 
     _session = Session(bridge, process_wide=True)
     signal.signal(signal.SIGINT, _on_sigint)
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(), proto_out), daemon=True).start()
     write_frame(proto_out, {"op": "ready", "pid": os.getpid()})
     while True:
-        message = reader.read()
+        try:
+            message = reader.read()
+        except ProtocolError:  # end of input: the host is gone (it kills us when it closes a session)
+            _leave_orphaned()
         op = message["op"]
         if op == "shutdown":
             return
         _pending_interrupt.clear()
-        write_frame(proto_out, _dispatch(_session, message))
+        write_frame(proto_out, _dispatch(_session, message, files))
 
 
-def _exit_when_orphaned(parent: int) -> None:
-    """If the host dies without closing us (SIGKILL, say), remove our scratch files and exit."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
+def _exit_when_orphaned(parent: int, proto_out: int) -> None:
+    """If the host dies without closing us (SIGKILL, say), remove our scratch files and exit.
+
+    The host's death closes the read end of our output pipe (poll reports an error on ours);
+    a change of parent catches a host whose pipe lives on in a process it forked.
+    """
+    import select
+
+    watch = select.poll()
+    watch.register(proto_out, select.POLLERR)
+    while not watch.poll(500) and os.getppid() == parent:
+        pass
+    _leave_orphaned()
+
+
+def _leave_orphaned() -> None:
+    """Remove our scratch files and exit (from either thread: whichever sees the host go first)."""
     scratch = os.getcwd()
     if os.path.basename(scratch).startswith("rlm-session-"):
         import shutil
@@ -444,7 +487,7 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(70)
 
 
-def _dispatch(session: Session, message: dict) -> dict:
+def _dispatch(session: Session, message: dict, files: int) -> dict:
     op = message["op"]
     try:
         if op == "exec":
@@ -452,12 +495,26 @@ def _dispatch(session: Session, message: dict) -> dict:
         if op == "load_context":
             if "value" in message:
                 return {"op": "context", **session.set_context(message["value"])}
-            return {"op": "context", **session.load_context_file(message["path"], message["format"])}
+            return {"op": "context", **session.load_context_fd(_receive_fd(files), message["format"])}
         if op == "get_var":
             return {"op": "var", **session.get_variable(message["name"])}
         return {"op": "error", "error": f"unknown op {op!r}"}
     except (OSError, ValueError, MemoryError) as exc:
         return {"op": "error", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _receive_fd(channel: int) -> int:
+    """The next file descriptor the host passed on the file channel (see protocol.py)."""
+    import socket
+
+    sock = socket.socket(fileno=channel)
+    try:
+        _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+    finally:
+        sock.detach()  # the channel stays open for the next context
+    if len(fds) != 1:
+        raise OSError("the context's file descriptor did not arrive")
+    return fds[0]
 
 
 if __name__ == "__main__":

@@ -54,13 +54,13 @@ class AnthropicClient:
         started = time.perf_counter()
         with translated_errors(self.base_url, anthropic):
             raw = self._sdk.messages.with_raw_response.create(**self._params(messages, max_tokens))
-        return self._completion(json_body(raw, self.base_url), messages, time.perf_counter() - started)
+        return self._completion(json_body(raw.http_response, self.base_url), messages, time.perf_counter() - started)
 
     async def acomplete(self, messages: list[dict], *, max_tokens: int | None = None) -> Completion:
         started = time.perf_counter()
         with translated_errors(self.base_url, anthropic):
             raw = await self._async_sdk().messages.with_raw_response.create(**self._params(messages, max_tokens))
-        return self._completion(json_body(raw, self.base_url), messages, time.perf_counter() - started)
+        return self._completion(json_body(raw.http_response, self.base_url), messages, time.perf_counter() - started)
 
     def close(self) -> None:
         self._sdk.close()

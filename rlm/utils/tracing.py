@@ -5,23 +5,25 @@ time). Root-model calls record only the messages added since the previous call (
 conversation only appends), so a trajectory grows linearly with the work, not quadratically.
 
 Sinks: the tracer always keeps events in memory; with a log directory (`log_dir=` or
-`RLM_LOG_DIR`) it also appends each event to `<log_dir>/<run_id>.jsonl`. Without one, nothing
-is written and no folder is created.
+`RLM_LOG_DIR`) it also appends each event to `<log_dir>/<run_id>.jsonl`, with secrets redacted
+and repeated long texts stored once (`rlm.utils.trace_sink`). Without one, nothing is written
+and no folder is created. The file format is documented in docs/trajectory.md; `v` is its
+major version: adding fields or event types keeps it, anything else raises it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 from rlm.errors import ConfigError
+from rlm.utils.trace_sink import JsonlSink, Redactor
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -70,6 +72,11 @@ class RunStart(Event):
     sandbox: str
     max_iterations: int
     system_prompt: str
+    # A child run (rlm_query): the parent's turn and cell that started it, and its batch item.
+    parent_turn: int | None = None
+    parent_cell: int | None = None
+    batch_index: int | None = None
+    settings: dict | None = None  # what replay needs to run it again (see engine.recorded_settings)
 
 
 @dataclass(kw_only=True)
@@ -112,6 +119,8 @@ class SubCall(Event):
     kind: str = "llm_query"
     note: str | None = None
     cache_hit: bool = False
+    cell: int | None = None  # the index of the cell (exec event) of this run that made the call
+    batch_size: int | None = None  # how many calls its llm_query_batched / rlm_query_batched made
 
 
 @dataclass(kw_only=True)
@@ -163,11 +172,18 @@ def resolve_log_dir(log_dir: str | os.PathLike | None) -> Path | None:
 class Tracer:
     """Collects events in memory, writes them as JSONL when given a directory, tells listeners."""
 
-    def __init__(self, log_dir: Path | None = None, listeners: list[Callable[[Event], None]] | None = None) -> None:
+    def __init__(
+        self,
+        log_dir: Path | None = None,
+        listeners: list[Callable[[Event], None]] | None = None,
+        secrets: Iterable[str | None] = (),
+    ) -> None:
         self.log_dir = log_dir
         self.listeners = list(listeners or [])
+        self.secrets = list(secrets)  # redacted from files, with every *_API_KEY variable's value
         self.events: list[Event] = []
         self.path: Path | None = None
+        self._sink: JsonlSink | None = None
         self.run_id: str | None = None
         self._lock = threading.Lock()
 
@@ -177,6 +193,7 @@ class Tracer:
             self.run_id = run_id
             self.events = []
             self.path = None
+            self._sink = None
             if self.log_dir is not None:
                 try:
                     self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -186,12 +203,12 @@ class Tracer:
                         "pass another log_dir / --log-dir or unset RLM_LOG_DIR"
                     ) from None
                 self.path = self.log_dir / f"{run_id}.jsonl"
+                self._sink = JsonlSink(self.path, Redactor(self.secrets))
 
     def emit(self, event: Event) -> None:
         with self._lock:
             self.events.append(event)
-            if self.path is not None:
-                with open(self.path, "a", encoding="utf-8", errors="replace") as handle:
-                    handle.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
+            if self._sink is not None:
+                self._sink.write(event.to_dict())
         for listener in self.listeners:
             listener(event)

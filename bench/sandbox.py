@@ -1,0 +1,189 @@
+"""What each sandbox level costs, and how a 1 GB context fares. Run by hand:
+
+    python bench/sandbox.py                 # every level, then the 1 GB figures
+    python bench/sandbox.py --levels strict --no-big
+    python bench/sandbox.py --big-only --size-mb 1000
+
+Prints, for each level:
+  1. worker start: creating a sandbox until it is ready for a cell (median of --starts);
+  2. exec round trip: one trivial cell, host to worker and back (median of --cells);
+  3. llm_query round trip: one call from model code to the host's bridge and back, the
+     bridge answering at once (mean over a cell making --calls of them).
+Then, for a 1 GB ASCII file given as a `Path`, with each worker level, in a fresh host process
+talking to a fake OpenAI-compatible server on 127.0.0.1:
+  - time from calling completion() to the first root-model request (target: 3 s);
+  - the host's peak resident memory (target: under 300 MB);
+  - the worker's peak resident memory, after decoding `context` and a find() over it
+    (target: under 1.3 GB);
+and for the same text given as a `str` (subprocess level): the host's peak beyond the string
+it already held (no second full copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NEEDLE = "NEEDLE-7731-magic"
+# Reads the worker's own peak resident memory (kB) from /proc/self/status.
+_PEAK = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
+_PROBE_CELL = f"```repl\nat = context.find({NEEDLE!r})\nprint(at, len(context), {_PEAK})\n```"
+
+
+def _bridge(kind: str, prompts: list[str]) -> list[str]:
+    return ["ok" for _ in prompts]
+
+
+def _level_figures(level: str, starts: int, cells: int, calls: int) -> dict[str, float]:
+    from rlm.sandbox import create_sandbox
+
+    start_times = []
+    for _ in range(starts):
+        began = time.perf_counter()
+        box = create_sandbox(level, _bridge)
+        start_times.append(time.perf_counter() - began)
+        box.close()
+    with create_sandbox(level, _bridge) as box:
+        box.run("x = 0", timeout=30, max_output=1000)  # warm-up
+        round_trips = []
+        for _ in range(cells):
+            began = time.perf_counter()
+            box.run("x += 1", timeout=30, max_output=1000)
+            round_trips.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        box.run(f"for _ in range({calls}):\n    llm_query('q')", timeout=300, max_output=1000)
+        per_call = (time.perf_counter() - began) / calls
+    return {"start": statistics.median(start_times), "exec": statistics.median(round_trips), "llm_query": per_call}
+
+
+def _make_big_file(size_mb: int) -> Path:
+    from rlm.sandbox.subprocess import disk_tempdir
+
+    path = Path(tempfile.mkdtemp(prefix="rlm-bench-", dir=disk_tempdir())) / "context.txt"
+    line = b"2024-05-01 12:00:00 INFO request served in 12 ms from cache node-17 ok\n"
+    block = line * ((16 << 20) // len(line))
+    target = size_mb * 1_000_000
+    with open(path, "wb") as handle:
+        written = 0
+        while written < target:
+            piece = block[: target - written]
+            handle.write(piece)
+            written += len(piece)
+        handle.write(f"the answer is {NEEDLE}\n".encode())
+    return path
+
+
+def _own_peak_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+    return kib / 1024
+
+
+def _big_child(level: str, path: str, as_str: bool) -> None:
+    """In a fresh process: one completion() over the big file; print the figures as JSON."""
+    from rlm.rlm_repl import RLM_REPL
+    from rlm.testing import FakeOpenAIServer
+
+    seen: list[float] = []
+
+    def root(request: dict) -> str:
+        seen.append(time.perf_counter())
+        return _PROBE_CELL if len(seen) == 1 else "FINAL(done)"
+
+    context: object = Path(path)
+    if as_str:  # made at 1x (read straight into the string) so that the peak below is the host's own
+        from rlm.sandbox.textfile import read_ascii
+
+        fd = os.open(path, os.O_RDONLY)
+        context = read_ascii(fd, os.fstat(fd).st_size)
+        os.close(fd)
+    before = _own_peak_mb()
+    with FakeOpenAIServer(root=root) as server:
+        rlm = RLM_REPL(model="fake", recursive_model="fake", api_url=server.url, sandbox=level, max_iterations=3)
+        began = time.perf_counter()
+        answer = rlm.completion(context=context, query="Where is the needle?")
+        finished = time.perf_counter()
+        rlm.close()
+    cell = next(event for event in rlm.trace if event.type == "exec")
+    at, length, worker_kib = (int(value) for value in cell.stdout.split())
+    print(json.dumps({
+        "answer": answer, "found": at >= 0, "length": length,
+        "first_request": seen[0] - began, "completion": finished - began,
+        "host_peak": _own_peak_mb(), "host_before": before, "worker_peak": worker_kib / 1024,
+    }))
+
+
+def _run_big(level: str, path: Path, as_str: bool = False) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, "--big-child", level, str(path), *(["--as-str"] if as_str else [])],
+        capture_output=True, text=True, check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"the 1 GB run with {level} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _print_levels(levels: list[str], args: argparse.Namespace) -> None:
+    print(f"{'level':<12}{'worker start':>14}{'exec round trip':>18}{'llm_query round trip':>23}")
+    for level in levels:
+        figures = _level_figures(level, args.starts, args.cells, args.calls)
+        print(f"{level:<12}{figures['start'] * 1e3:>11.1f} ms{figures['exec'] * 1e3:>15.3f} ms"
+              f"{figures['llm_query'] * 1e3:>20.3f} ms")
+
+
+def _print_big(levels: list[str], size_mb: int) -> None:
+    print(f"\n{size_mb / 1000:g} GB ASCII context as a Path (fresh host process per row):")
+    print(f"{'level':<12}{'first request':>15}{'completion()':>14}{'host peak':>12}{'worker peak':>14}")
+    path = _make_big_file(size_mb)
+    try:
+        for level in [level for level in levels if level != "inprocess"]:
+            big = _run_big(level, path)
+            if big["answer"] != "done" or not big["found"]:
+                raise SystemExit(f"the 1 GB run with {level} did not go as scripted: {big}")
+            print(f"{level:<12}{big['first_request']:>13.2f} s{big['completion']:>12.2f} s"
+                  f"{big['host_peak']:>9.0f} MB{big['worker_peak']:>11.0f} MB")
+        as_str = _run_big("subprocess", path, as_str=True)
+        extra = as_str["host_peak"] - as_str["host_before"]
+        print(f"\nthe same text as a str (subprocess): host peak {as_str['host_peak']:.0f} MB with the string "
+              f"itself at {as_str['host_before']:.0f} MB before completion(): {extra:.0f} MB more "
+              f"(written in 16 MiB pieces); first request {as_str['first_request']:.2f} s")
+    finally:
+        path.unlink()
+        path.parent.rmdir()
+
+
+def main() -> None:
+    from rlm.sandbox import SANDBOXES
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", default=",".join(SANDBOXES), help="comma-separated sandbox levels")
+    parser.add_argument("--starts", type=int, default=10)
+    parser.add_argument("--cells", type=int, default=300)
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--size-mb", type=int, default=1000, help="size of the big context (default 1 GB)")
+    parser.add_argument("--no-big", action="store_true", help="skip the big-context figures")
+    parser.add_argument("--big-only", action="store_true", help="only the big-context figures")
+    parser.add_argument("--big-child", nargs=2, metavar=("LEVEL", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--as-str", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.big_child:
+        _big_child(*args.big_child, as_str=args.as_str)
+        return
+    levels = args.levels.split(",")
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, Linux {os.uname().release}, load {load}\n")
+    if not args.big_only:
+        _print_levels(levels, args)
+    if not args.no_big:
+        _print_big(levels, args.size_mb)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""What of the host's file system a confined worker needs to see: Python, its libraries, our package.
+
+Shared by `strict` (as Landlock read rules) and `bwrap` (as read-only mounts). Nothing here
+holds user data: no /etc (beyond the loader's cache), /home, /root, /tmp, /run or /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import site
+import sys
+from collections.abc import Iterable
+
+from rlm.sandbox.subprocess import package_root
+
+__all__ = ["SYSTEM_DIRS", "package_dir", "python_dirs", "top_level"]
+
+# Shared libraries the interpreter and its extension modules load (on merged-/usr systems
+# the top-level ones are symbolic links into /usr).
+SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32")
+
+
+def python_dirs() -> list[str]:
+    """The running Python installation: its prefixes, the interpreter's directory, site-packages."""
+    candidates = {
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        sys.base_exec_prefix,
+        os.path.dirname(os.path.realpath(sys.executable)),
+        *site.getsitepackages(),
+    }
+    return top_level(os.path.realpath(path) for path in candidates if os.path.isdir(path))
+
+
+def package_dir() -> str:
+    """Our own package directory (only it: not the rest of a source checkout around it)."""
+    return os.path.join(package_root(), "rlm")
+
+
+def top_level(paths: Iterable[str]) -> list[str]:
+    """The paths without any that lies inside another one, sorted."""
+    unique = sorted(set(paths))
+    return [path for path in unique if not any(_inside(path, other) for other in unique if other != path)]
+
+
+def _inside(path: str, parent: str) -> bool:
+    return path.startswith(parent.rstrip("/") + "/")
