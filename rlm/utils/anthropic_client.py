@@ -9,9 +9,7 @@ is new. Usage maps cache reads and writes into `Usage.cached_tokens` and
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 from typing import Any
 
@@ -19,7 +17,7 @@ import anthropic
 
 from rlm.errors import MalformedResponse
 from rlm.usage import Usage
-from rlm.utils.llm import Completion, closing_http_client, estimate_tokens, json_body, ssl_context, translated_errors
+from rlm.utils.llm import Completion, LoopBound, closing_http_client, estimate_tokens, json_body, ssl_context, translated_errors
 
 __all__ = ["AnthropicClient"]
 
@@ -44,8 +42,7 @@ class AnthropicClient:
         self.base_url = api_url.rstrip("/")
         self._options = {"base_url": self.base_url, "api_key": api_key, "timeout": timeout, "max_retries": max_retries}
         self._sdk = anthropic.Anthropic(**self._options, http_client=closing_http_client(anthropic.DefaultHttpxClient))
-        self._async: tuple[asyncio.AbstractEventLoop, Any] | None = None
-        self._lock = threading.Lock()
+        self._async = LoopBound(self._new_async_sdk)
 
     def context_window(self) -> int | None:
         return None  # the API does not report it; pass context_window= to RLM_REPL if needed
@@ -59,25 +56,18 @@ class AnthropicClient:
     async def acomplete(self, messages: list[dict], *, max_tokens: int | None = None) -> Completion:
         started = time.perf_counter()
         with translated_errors(self.base_url, anthropic):
-            raw = await self._async_sdk().messages.with_raw_response.create(**self._params(messages, max_tokens))
+            raw = await self._async.get().messages.with_raw_response.create(**self._params(messages, max_tokens))
         return self._completion(json_body(raw.http_response, self.base_url), messages, time.perf_counter() - started)
 
     def close(self) -> None:
         self._sdk.close()
 
     async def aclose(self) -> None:
-        if self._async is not None:
-            _, sdk = self._async
-            self._async = None
-            await sdk.close()
+        await self._async.aclose()
 
-    def _async_sdk(self) -> Any:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            if self._async is None or self._async[0] is not loop:
-                http = anthropic.DefaultAsyncHttpxClient(verify=ssl_context())
-                self._async = (loop, anthropic.AsyncAnthropic(**self._options, http_client=http))
-            return self._async[1]
+    def _new_async_sdk(self) -> Any:
+        http = anthropic.DefaultAsyncHttpxClient(verify=ssl_context())
+        return anthropic.AsyncAnthropic(**self._options, http_client=http)
 
     def _params(self, messages: list[dict], max_tokens: int | None) -> dict[str, Any]:
         system = [m["content"] for m in messages if m["role"] == "system"]

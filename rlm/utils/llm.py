@@ -18,7 +18,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from rlm.errors import ClientError, ConfigError, EndpointUnreachable, MalformedResponse
 from rlm.usage import Usage
@@ -135,7 +135,7 @@ class OpenAICompatibleClient:
         }
         self._sdk = openai.OpenAI(**self._options, http_client=closing_http_client(openai.DefaultHttpxClient))
         # One async SDK client per event loop: its connections belong to the loop that made them.
-        self._async: tuple[asyncio.AbstractEventLoop, Any] | None = None
+        self._async = LoopBound(self._new_async_sdk)
 
     @property
     def model(self) -> str:
@@ -185,10 +185,7 @@ class OpenAICompatibleClient:
 
     async def aclose(self) -> None:
         """Release the async client's connections (made again on the next `acomplete`)."""
-        if self._async is not None:
-            _, sdk = self._async
-            self._async = None
-            await sdk.close()
+        await self._async.aclose()
 
     # Requests go through the SDK's generic `post` (retries, timeouts, error statuses) with the
     # body as we built it: the typed method's request-transform costs ~1.5 ms of CPU per call,
@@ -205,7 +202,7 @@ class OpenAICompatibleClient:
         params = self._params(messages, max_tokens)
         started = time.perf_counter()
         with translated_errors(self.base_url):
-            payload = await self._async_sdk().post("/chat/completions", cast_to=object, body=params)
+            payload = await self._async.get().post("/chat/completions", cast_to=object, body=params)
         return _completion(payload, messages, self.model, time.perf_counter() - started, self.base_url)
 
     def _params(self, messages: list[dict], max_tokens: int | None) -> dict[str, Any]:
@@ -216,14 +213,37 @@ class OpenAICompatibleClient:
             params["temperature"] = self._temperature
         return params
 
-    def _async_sdk(self) -> Any:
+    def _new_async_sdk(self) -> Any:
         import openai
 
+        http = openai.DefaultAsyncHttpxClient(verify=ssl_context())
+        return openai.AsyncOpenAI(**self._options, http_client=http)
+
+
+class LoopBound:
+    """One async SDK client per event loop: its connections belong to the loop that made them.
+
+    `get()` makes a new client when called from another loop than the last one (each
+    `completion()` runs its own loop); `aclose()` releases the current one.
+    """
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._held: tuple[asyncio.AbstractEventLoop, Any] | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
         loop = asyncio.get_running_loop()
-        if self._async is None or self._async[0] is not loop:
-            http = openai.DefaultAsyncHttpxClient(verify=ssl_context())
-            self._async = (loop, openai.AsyncOpenAI(**self._options, http_client=http))
-        return self._async[1]
+        with self._lock:
+            if self._held is None or self._held[0] is not loop:
+                self._held = (loop, self._make())
+            return self._held[1]
+
+    async def aclose(self) -> None:
+        with self._lock:
+            held, self._held = self._held, None
+        if held is not None:
+            await held[1].close()
 
 
 @functools.lru_cache(maxsize=1)
