@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import time
 from typing import Any
 
@@ -76,3 +78,22 @@ def ok(box: Sandbox, code: str, **kwargs) -> str:
     assert result.error is None, result.error
     assert not result.timed_out and not result.restarted
     return result.stdout
+
+
+def read_until_closed(fd: int, deadline: float) -> bytes:
+    """Everything read from `fd` (a pty master) until the other side closes it or `deadline`; closes `fd`."""
+    chunks = []
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([fd], [], [], 0.1)[0]:
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: the other side closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)

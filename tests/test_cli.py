@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pty
-import select
 import signal
 import socket
 import subprocess
@@ -26,6 +25,8 @@ from rlm.errors import ClientError, ConfigError, ContextError, EndpointUnreachab
 from rlm.cli.main import app
 from rlm.testing import FakeOpenAIServer, FakeReply
 from rlm.utils.prompts import system_prompt
+
+from helpers import read_until_closed
 
 LENGTH_THEN_42 = ["```repl\nprint(len(context))\n```", "FINAL(42)"]
 CONTEXT_TEXT = "The magic number is 42. " * 40
@@ -156,31 +157,13 @@ def test_status_on_a_terminal_is_a_rich_line_on_stderr(context_file: Path) -> No
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=_child_env(),
         )
         os.close(slave)
-        terminal = _read_until_closed(master, deadline=time.monotonic() + 60)
+        terminal = read_until_closed(master, deadline=time.monotonic() + 60)
         stdout = process.stdout.read()
         process.stdout.close()
         assert process.wait(timeout=30) == ExitCode.ANSWERED
     assert stdout == b"42\n"
     assert b"turn 1/20" in terminal and b"\x1b[" in terminal  # drawn with terminal control codes
     assert b"answered after 2 turn(s)" in terminal and b"Traceback" not in terminal
-
-
-def _read_until_closed(fd: int, deadline: float) -> bytes:
-    chunks = []
-    try:
-        while time.monotonic() < deadline:
-            if not select.select([fd], [], [], 0.1)[0]:
-                continue
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:  # EIO: the other side closed
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
 
 
 # -- rlm ask, in-process ----------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pty
-import select
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from helpers import make, repl
+from helpers import make, read_until_closed, repl
 from rlm.cli.exits import ExitCode
 from rlm.cli.progress import Progress
 from rlm.testing import FakeOpenAIServer, FakeReply
@@ -136,27 +135,9 @@ def test_a_terminal_gets_the_live_view(tmp_path: Path) -> None:
             [sys.executable, "-m", "rlm", "ask", "q", "--context", str(context), "--api-url", server.url,
              "--sandbox", "inprocess"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env)
         os.close(slave)
-        terminal = _read_until_closed(master, time.monotonic() + 30)
+        terminal = read_until_closed(master, time.monotonic() + 30)
         assert process.wait(timeout=30) == ExitCode.ANSWERED
         assert process.stdout.read() == b"8\n"
         process.stdout.close()
     assert b"running cell 1 of 2" in terminal and b"llm_query_batched" in terminal
     assert b"batch" in terminal and b"/8" in terminal and b"answered after 2 turn(s)" in terminal
-
-
-def _read_until_closed(fd: int, deadline: float) -> bytes:
-    chunks = []
-    try:
-        while time.monotonic() < deadline:
-            if not select.select([fd], [], [], 0.1)[0]:
-                continue
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:  # the other side closed
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
