@@ -88,15 +88,26 @@ def price_call(model: str, base_url: str, usage: Usage) -> float | None:
 
 
 class UsageLedger:
-    """Thread-safe list of call records with the totals `cost_summary()` returns."""
+    """Thread-safe list of call records with the totals `cost_summary()` returns.
+
+    It also keeps running totals after each record, so the budget check made before every
+    model call costs O(1) instead of a scan of every call so far.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._records: list[CallRecord] = []
+        self._running: list[tuple[float, int, int]] = []  # (cost, tokens, sub-calls) after each record
 
     def add(self, record: CallRecord) -> None:
         with self._lock:
+            cost, tokens, sub_calls = self._running[-1] if self._running else (0.0, 0, 0)
             self._records.append(record)
+            self._running.append((
+                cost + (record.cost or 0.0),
+                tokens + record.usage.total_tokens,
+                sub_calls + (record.depth > 0 and not record.cache_hit),
+            ))
 
     def records(self) -> list[CallRecord]:
         with self._lock:
@@ -105,13 +116,14 @@ class UsageLedger:
     def clear(self) -> None:
         with self._lock:
             self._records.clear()
+            self._running.clear()
 
     def totals(self, since: int = 0) -> tuple[float, int, int]:
         """(known cost, tokens, sub-calls) of the records after the first `since`, for budgets."""
-        records = self.records()[since:]
-        cost = float(sum(r.cost for r in records if r.cost is not None))
-        tokens = sum(r.usage.total_tokens for r in records)
-        return cost, tokens, sum(1 for r in records if r.depth > 0 and not r.cache_hit)
+        with self._lock:
+            end = self._running[-1] if self._running else (0.0, 0, 0)
+            start = self._running[since - 1] if 0 < since <= len(self._running) else (0.0, 0, 0)
+        return float(end[0] - start[0]), end[1] - start[1], end[2] - start[2]
 
     def summary(self, since: int = 0) -> dict:
         """Totals of the top root model and of everything below it, the total cost in USD, and
