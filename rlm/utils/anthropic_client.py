@@ -17,7 +17,9 @@ import anthropic
 
 from rlm.errors import MalformedResponse
 from rlm.usage import Usage
-from rlm.utils.llm import Completion, LoopBound, closing_http_client, estimate_tokens, json_body, ssl_context, translated_errors
+from rlm.utils.endpoint import LoopBound, closing_http_client, decoded_json, ssl_context, translated_errors
+from rlm.utils.http import LeanTransport
+from rlm.utils.llm import Completion, estimate_tokens
 
 __all__ = ["AnthropicClient"]
 
@@ -42,7 +44,7 @@ class AnthropicClient:
         self.base_url = api_url.rstrip("/")
         self._options = {"base_url": self.base_url, "api_key": api_key, "timeout": timeout, "max_retries": max_retries}
         self._sdk = anthropic.Anthropic(**self._options, http_client=closing_http_client(anthropic.DefaultHttpxClient))
-        self._async = LoopBound(self._new_async_sdk)
+        self._async = LoopBound(self._new_async_sdk, close=lambda sdk: sdk.close())
 
     def context_window(self) -> int | None:
         return None  # the API does not report it; pass context_window= to RLM_REPL if needed
@@ -51,13 +53,13 @@ class AnthropicClient:
         started = time.perf_counter()
         with translated_errors(self.base_url, anthropic):
             raw = self._sdk.messages.with_raw_response.create(**self._params(messages, max_tokens))
-        return self._completion(json_body(raw.http_response, self.base_url), messages, time.perf_counter() - started)
+        return self._completion(decoded_json(raw.http_response, self.base_url), messages, time.perf_counter() - started)
 
     async def acomplete(self, messages: list[dict], *, max_tokens: int | None = None) -> Completion:
         started = time.perf_counter()
         with translated_errors(self.base_url, anthropic):
             raw = await self._async.get().messages.with_raw_response.create(**self._params(messages, max_tokens))
-        return self._completion(json_body(raw.http_response, self.base_url), messages, time.perf_counter() - started)
+        return self._completion(decoded_json(raw.http_response, self.base_url), messages, time.perf_counter() - started)
 
     def close(self) -> None:
         self._sdk.close()
@@ -66,7 +68,7 @@ class AnthropicClient:
         await self._async.aclose()
 
     def _new_async_sdk(self) -> Any:
-        http = anthropic.DefaultAsyncHttpxClient(verify=ssl_context())
+        http = anthropic.DefaultAsyncHttpxClient(verify=ssl_context(), transport=LeanTransport(ssl_context()))
         return anthropic.AsyncAnthropic(**self._options, http_client=http)
 
     def _params(self, messages: list[dict], max_tokens: int | None) -> dict[str, Any]:

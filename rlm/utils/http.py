@@ -1,0 +1,305 @@
+"""A lean async HTTP/1.1 transport for the model clients, where a fan-out spends its CPU.
+
+httpx2's default transport (httpcore2 over anyio and h11) costs ~1.2 ms of CPU per request
+on a 2-core machine. Every sub-call of a tree runs on one event loop, so 16 calls in flight
+pay that one after another: ~20 ms added to every 50 ms wave. `LeanTransport` speaks
+HTTP/1.1 straight over asyncio streams (~0.2 ms a request), keeps connections alive per
+origin, and raises httpx2's own exceptions, so the SDKs above it (their retries, timeouts
+and status errors) and our error translation work unchanged.
+
+What it does not do, on purpose: HTTP/2, proxies (httpx2 sends requests that an
+`HTTP(S)_PROXY` variable routes through a proxy to its own proxy transports, never here),
+and streaming request bodies (the body is read whole first; ours are small JSON documents).
+
+A transport belongs to the event loop it first ran on: its connections are that loop's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import sys
+import time
+from typing import AsyncIterator, Awaitable, TypeVar
+
+import httpx2
+
+__all__ = ["LeanTransport"]
+
+_T = TypeVar("_T")
+_MAX_HEAD = 64 * 1024  # bytes of status line + headers we accept
+_PIECE = 64 * 1024  # bytes per body read
+_NO_BODY_STATUSES = (204, 304)
+_DROPPED_REQUEST_HEADERS = (b"transfer-encoding", b"content-length", b"connection", b"keep-alive")
+
+
+async def _within(awaitable: Awaitable[_T], seconds: float | None) -> _T:
+    """`await awaitable`, raising asyncio.TimeoutError (the builtin one from 3.11 on) after `seconds`."""
+    if seconds is None:
+        return await awaitable
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
+class _Connection:
+    """One kept-alive TCP (or TLS) connection to an origin."""
+
+    def __init__(self, origin: tuple[str, str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.origin = origin
+        self.reader = reader
+        self.writer = writer
+        self.idle_since = time.monotonic()
+        self.reused = False
+
+    def usable(self, expiry: float) -> bool:
+        """Still open, not left over by the server, and not idle past `expiry` seconds."""
+        fresh = time.monotonic() - self.idle_since < expiry
+        return fresh and not self.writer.is_closing() and not self.reader.at_eof()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class LeanTransport(httpx2.AsyncBaseTransport):
+    """HTTP/1.1 over asyncio streams with keep-alive, for `httpx2.AsyncClient(transport=...)`.
+
+    `ssl_context` verifies https origins; `max_idle` connections are kept per origin, each
+    for at most `keepalive_expiry` seconds of idleness (servers commonly close theirs at 5 s).
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext, *, max_idle: int = 100, keepalive_expiry: float = 4.0) -> None:
+        self._ssl = ssl_context
+        self._max_idle = max_idle
+        self._expiry = keepalive_expiry
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._closed = False
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        if self._closed:
+            raise RuntimeError("this transport was closed; make a new client")
+        timeouts = request.extensions.get("timeout", {})
+        head = _request_head(request, len(body := await request.aread()))
+        while True:
+            connection = await self._connection(request, timeouts.get("connect"))
+            try:
+                await _send(connection, head + body, timeouts.get("write"), request)
+                status, reason, headers = await _read_head(connection, timeouts.get("read"), request)
+                framing = _framing(request, status, headers)
+            except _StaleConnection:
+                connection.close()  # the server closed a kept-alive connection: try a new one
+                continue
+            except BaseException:
+                connection.close()
+                raise
+            break
+        reusable = _keeps_alive(request, headers)
+        stream = _ResponseBody(self, connection, framing, reusable, timeouts.get("read"), request)
+        return httpx2.Response(
+            status, headers=headers, stream=stream,
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason},
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                connection.close()
+
+    async def _connection(self, request: httpx2.Request, timeout: float | None) -> _Connection:
+        url = request.url
+        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        pool = self._idle.get(origin, [])
+        while pool:
+            connection = pool.pop()
+            if connection.usable(self._expiry):
+                connection.reused = True
+                return connection
+            connection.close()
+        if origin[0] not in ("http", "https"):
+            raise httpx2.UnsupportedProtocol(f"cannot send {origin[0]}:// requests", request=request)
+        tls = self._ssl if origin[0] == "https" else None
+        try:
+            reader, writer = await _within(
+                asyncio.open_connection(origin[1], origin[2], ssl=tls, server_hostname=origin[1] if tls else None,
+                                        limit=_MAX_HEAD),
+                timeout,
+            )
+        except asyncio.TimeoutError as exc:
+            raise httpx2.ConnectTimeout(f"connecting to {origin[1]}:{origin[2]} timed out", request=request) from exc
+        except (OSError, ssl.SSLError) as exc:  # refused, unreachable, unknown host, bad certificate
+            raise httpx2.ConnectError(f"cannot connect to {origin[1]}:{origin[2]}: {exc}", request=request) from exc
+        return _Connection(origin, reader, writer)
+
+    def _release(self, connection: _Connection, reusable: bool) -> None:
+        pool = self._idle.setdefault(connection.origin, [])
+        if reusable and not self._closed and len(pool) < self._max_idle:
+            connection.idle_since = time.monotonic()
+            pool.append(connection)
+        else:
+            connection.close()
+
+
+class _StaleConnection(Exception):
+    """A kept-alive connection turned out closed before the server read our request."""
+
+
+def _request_head(request: httpx2.Request, length: int) -> bytes:
+    lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), request.url.raw_path)]
+    lines.extend(name + b": " + value for name, value in request.headers.raw if name.lower() not in _DROPPED_REQUEST_HEADERS)
+    if length or request.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        lines.append(b"Content-Length: %d" % length)
+    if any(name.lower() == b"connection" and value.lower() == b"close" for name, value in request.headers.raw):
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def _send(connection: _Connection, data: bytes, timeout: float | None, request: httpx2.Request) -> None:
+    try:
+        connection.writer.write(data)
+        await _within(connection.writer.drain(), timeout)
+    except asyncio.TimeoutError as exc:
+        raise httpx2.WriteTimeout("sending the request timed out", request=request) from exc
+    except OSError as exc:
+        if connection.reused:
+            raise _StaleConnection from exc
+        raise httpx2.WriteError(f"sending the request failed: {exc}", request=request) from exc
+
+
+async def _read_head(
+    connection: _Connection, timeout: float | None, request: httpx2.Request
+) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """Status, reason and headers of the response, skipping informational (1xx) ones."""
+    while True:
+        try:
+            raw = await _within(connection.reader.readuntil(b"\r\n\r\n"), timeout)
+        except asyncio.TimeoutError as exc:
+            raise httpx2.ReadTimeout("the server sent no response in time", request=request) from exc
+        except asyncio.LimitOverrunError as exc:
+            raise httpx2.RemoteProtocolError("the response headers exceed 64 KiB", request=request) from exc
+        except (asyncio.IncompleteReadError, OSError) as exc:
+            nothing_read = not isinstance(exc, asyncio.IncompleteReadError) or not exc.partial
+            if connection.reused and nothing_read:
+                raise _StaleConnection from exc
+            raise httpx2.RemoteProtocolError("the server closed the connection without a complete response",
+                                             request=request) from exc
+        status, reason, headers = _parse_head(raw, request)
+        if not 100 <= status < 200:
+            return status, reason, headers
+
+
+def _parse_head(raw: bytes, request: httpx2.Request) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    status_line, *header_lines = raw[:-4].split(b"\r\n")
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise httpx2.RemoteProtocolError(f"not an HTTP/1.x response: {status_line[:80]!r}", request=request)
+    headers = []
+    for line in header_lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise httpx2.RemoteProtocolError(f"malformed response header: {line[:80]!r}", request=request)
+        headers.append((name, value.strip()))
+    return int(parts[1]), parts[2] if len(parts) > 2 else b"", headers
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    values = [value for key, value in headers if key.lower() == name]
+    return b", ".join(values) if values else None
+
+
+def _keeps_alive(request: httpx2.Request, headers: list[tuple[bytes, bytes]]) -> bool:
+    tokens = (_header(headers, b"connection") or b"").lower()
+    return b"close" not in tokens and (request.headers.get("connection") or "").lower() != "close"
+
+
+def _framing(request: httpx2.Request, status: int, headers: list[tuple[bytes, bytes]]) -> int | str:
+    """How the body ends: its length in bytes, "chunked", or "close" (read until the server closes)."""
+    if request.method == "HEAD" or status in _NO_BODY_STATUSES:
+        return 0
+    if b"chunked" in (_header(headers, b"transfer-encoding") or b"").lower():
+        return "chunked"
+    length = _header(headers, b"content-length")
+    if length is None:
+        return "close"
+    values = {value.strip() for value in length.split(b",")}
+    if len(values) != 1 or not next(iter(values)).isdigit():
+        raise httpx2.RemoteProtocolError(f"bad Content-Length {length[:40]!r}", request=request)
+    return int(values.pop())
+
+
+class _ResponseBody(httpx2.AsyncByteStream):
+    """The body as it arrives; the connection goes back to the pool once the body is read whole."""
+
+    def __init__(self, transport: LeanTransport, connection: _Connection, framing: int | str, reusable: bool,
+                 timeout: float | None, request: httpx2.Request) -> None:
+        self._transport = transport
+        self._connection: _Connection | None = connection
+        self._framing = framing
+        self._reusable = reusable and framing != "close"
+        self._timeout = timeout
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        connection = self._connection
+        if connection is None:
+            raise httpx2.StreamClosed()
+        try:
+            if self._framing == "chunked":
+                pieces = self._chunked(connection.reader)
+            elif self._framing == "close":
+                pieces = self._until_close(connection.reader)
+            else:
+                pieces = self._exactly(connection.reader, int(self._framing))
+            async for piece in pieces:
+                yield piece
+        except BaseException:
+            self._finish(reusable=False)
+            raise
+        self._finish(reusable=self._reusable)
+
+    async def aclose(self) -> None:
+        self._finish(reusable=False)  # closed before the end: the rest of the body is still on the wire
+
+    def _finish(self, *, reusable: bool) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._transport._release(connection, reusable)
+
+    async def _read(self, awaitable: Awaitable[bytes]) -> bytes:
+        try:
+            return await _within(awaitable, self._timeout)
+        except asyncio.TimeoutError as exc:
+            raise httpx2.ReadTimeout("the response body stopped arriving", request=self._request) from exc
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
+            raise httpx2.RemoteProtocolError(f"the response body was cut short: {exc}", request=self._request) from exc
+
+    async def _exactly(self, reader: asyncio.StreamReader, length: int) -> AsyncIterator[bytes]:
+        while length:
+            piece = await self._read(reader.read(min(length, _PIECE)))
+            if not piece:
+                raise httpx2.RemoteProtocolError("the server closed the connection mid-body", request=self._request)
+            length -= len(piece)
+            yield piece
+
+    async def _until_close(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        while piece := await self._read(reader.read(_PIECE)):
+            yield piece
+
+    async def _chunked(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        while True:
+            line = await self._read(reader.readuntil(b"\r\n"))
+            size_text = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise httpx2.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}", request=self._request) from None
+            if size == 0:
+                while await self._read(reader.readuntil(b"\r\n")) != b"\r\n":
+                    pass  # trailer fields: nothing of ours uses them
+                return
+            async for piece in self._exactly(reader, size):
+                yield piece
+            if await self._read(reader.readexactly(2)) != b"\r\n":
+                raise httpx2.RemoteProtocolError("a chunk did not end with CRLF", request=self._request)
