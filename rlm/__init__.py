@@ -10,7 +10,10 @@ starts without loading the HTTP client.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+TYPE_CHECKING = False  # not imported from typing: the REPL worker imports this package too
+if TYPE_CHECKING:
+    from typing import Any
 
 from rlm import errors as _errors
 

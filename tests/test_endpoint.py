@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import threading
 import time
 
 import pytest
 
-from rlm.errors import ClientError, EndpointUnreachable, MalformedResponse
+from rlm.errors import ClientError, ConfigError, EndpointUnreachable, MalformedResponse
 from rlm.testing import FakeOpenAIServer, FakeReply
+from rlm.utils.http import proxied
+from scripted_http import ScriptedServer, response
 from rlm.utils.llm import OpenAICompatibleClient
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -107,3 +110,72 @@ def test_requests_say_who_sends_them(server):
     ask(server, asynchronous=True, max_retries=0)
     headers = {key.lower(): value for key, value in server.request_headers[-1].items()}
     assert headers["user-agent"].startswith("rlm/") and headers["content-type"] == "application/json"
+
+
+@both_paths
+def test_retry_after_as_an_asctime_date_is_utc(server, asynchronous):
+    moment = time.gmtime(time.time() + 1)
+    server.fail_next(FakeReply(status=503, headers={"Retry-After": time.strftime("%a %b %d %H:%M:%S %Y", moment)}))
+    started = time.monotonic()
+    assert ask(server, asynchronous=asynchronous, max_retries=1) == "fine"
+    assert time.monotonic() - started < 2.5  # read as local time it could be hours, and backoff would be used
+
+
+@both_paths
+def test_a_body_that_cannot_be_decoded_is_malformed_not_retried(server, asynchronous):
+    server.fail_next(FakeReply(raw=b"not gzip at all", headers={"Content-Encoding": "gzip"}))
+    with pytest.raises(MalformedResponse, match="cannot be decoded"):
+        ask(server, asynchronous=asynchronous, max_retries=2)
+    assert len(server.chat_requests()) == 1
+
+
+@both_paths
+def test_redirects_are_followed(server, asynchronous):
+    server.fail_next(FakeReply(status=308, headers={"Location": server.url + "/chat/completions"}))
+    assert ask(server, asynchronous=asynchronous, max_retries=0) == "fine"
+    assert len(server.chat_requests()) == 2
+
+
+@both_paths
+def test_a_key_with_a_line_break_is_a_config_error(server, asynchronous):
+    with pytest.raises(ConfigError, match="API key"):
+        ask(server, asynchronous=asynchronous, max_retries=2, api_key="sk-from-a-file\r\n")
+    assert server.chat_requests() == []
+
+
+def test_clients_of_two_threads_keep_their_own_connections(server):
+    client = OpenAICompatibleClient("m", api_url=server.url, max_retries=0, timeout=5.0)
+    answers: list[str] = []
+
+    async def three() -> None:
+        for _ in range(3):
+            answers.append((await client.acomplete(MESSAGES)).text)
+            await asyncio.sleep(0.01)
+        await client.aclose()
+
+    threads = [threading.Thread(target=asyncio.run, args=(three(),)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    client.close()
+    assert answers == ["fine"] * 6
+
+
+def test_requests_through_a_proxy_when_the_environment_names_one(monkeypatch):
+    reply = b'{"choices": [{"message": {"role": "assistant", "content": "via proxy"}}]}'
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    async def main() -> None:
+        async with ScriptedServer(response(reply)) as proxy:
+            monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            client = OpenAICompatibleClient("m", api_url="http://models.example/v1", max_retries=0, timeout=5.0)
+            assert (await client.acomplete(MESSAGES)).text == "via proxy"
+            await client.aclose()
+            client.close()
+            assert proxy.heads[0].startswith(b"POST http://models.example/v1/chat/completions HTTP/1.1")
+
+    asyncio.run(main())
+    monkeypatch.setenv("NO_PROXY", "models.example")
+    assert not proxied("http://models.example/v1") and proxied("http://other.example/v1")

@@ -1,8 +1,6 @@
 """LeanTransport over real sockets on 127.0.0.1: framing, keep-alive, failures, timeouts, TLS.
 
-Each test runs a scripted HTTP/1.1 server in its own event loop: every request it reads is
-answered with the next scripted reply (raw bytes, so malformed and unusual responses can be
-sent), and it counts the connections it accepted.
+Each test runs a scripted HTTP/1.1 server (tests/scripted_http.py) in its own event loop.
 """
 
 from __future__ import annotations
@@ -18,64 +16,9 @@ import pytest
 
 from rlm.utils.endpoint import ssl_context
 from rlm.utils.http import LeanTransport
+from scripted_http import DROP, SILENT, ScriptedServer, response
 
 TLS = Path(__file__).parent / "data" / "tls"
-DROP = b""  # as a scripted reply: close the connection without answering
-SILENT = None  # as a scripted reply: read the request and never answer
-
-
-def response(body: bytes = b"ok", *, status: str = "200 OK", headers: str = "") -> bytes:
-    return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode() + body
-
-
-class ScriptedServer:
-    def __init__(self, *replies: bytes | None, close_after: bool = False, tls: ssl.SSLContext | None = None) -> None:
-        self.replies = list(replies)
-        self.close_after = close_after  # close each connection after one answer (without saying so)
-        self.tls = tls
-        self.connections = 0
-        self.closed_by_client = 0
-        self.heads: list[bytes] = []
-        self.bodies: list[bytes] = []
-
-    async def __aenter__(self) -> "ScriptedServer":
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.tls)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    self.closed_by_client += 1
-                    return
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                self.heads.append(head)
-                self.bodies.append(await reader.readexactly(length))
-                reply = self.replies.pop(0)
-                if reply is SILENT:
-                    await reader.read()  # until the client gives up and closes
-                    self.closed_by_client += 1
-                    return
-                if reply == DROP:
-                    return
-                writer.write(reply)
-                await writer.drain()
-                if self.close_after:
-                    return
-        finally:
-            writer.close()
-
-
 def run(test: Callable[[httpx2.AsyncClient], Awaitable[Any]], **client_options: Any) -> Any:
     async def main() -> Any:
         async with httpx2.AsyncClient(transport=LeanTransport(client_options.pop("tls", ssl_context())),
@@ -190,6 +133,11 @@ def test_a_stale_kept_alive_connection_is_replaced_once() -> None:
         (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed response header"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok", "bad Content-Length"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "unsupported Transfer-Encoding"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "not an HTTP/1.x response"),
+        (b"HTTP/1.1 099 Odd\r\n\r\n", "not an HTTP/1.x response"),
     ],
 )
 def test_broken_responses_on_a_fresh_connection_are_protocol_errors(reply: bytes, message: str) -> None:
@@ -287,3 +235,54 @@ def test_https_with_a_trusted_certificate_and_refusal_of_an_untrusted_one() -> N
                 await client.get(server.url)
 
     run(untrusted)
+
+
+def test_an_http_1_0_response_keeps_its_connection_only_when_it_says_keep_alive() -> None:
+    async def test(client: httpx2.AsyncClient) -> None:
+        replies = (b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nkep",
+                   b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\none", response(b"new"))
+        async with ScriptedServer(*replies) as server:
+            first = await client.get(server.url)
+            assert first.text == "kep" and first.http_version == "HTTP/1.0"
+            assert (await client.get(server.url)).text == "one"
+            assert server.connections == 1
+            assert (await client.get(server.url)).text == "new"
+            assert server.connections == 2
+
+    run(test)
+
+
+def test_a_kept_alive_connection_with_unasked_bytes_waiting_is_not_reused() -> None:
+    # Some servers send "408" before closing a connection left idle: not the next request's answer.
+    async def test(client: httpx2.AsyncClient) -> None:
+        async with ScriptedServer(response(b"first") + response(b"timed out", status="408 Request Timeout"),
+                                  response(b"fresh")) as server:
+            assert (await client.get(server.url)).text == "first"
+            await asyncio.sleep(0.05)  # the extra bytes arrive while the connection is idle
+            answer = await client.get(server.url)
+            assert (answer.status_code, answer.text) == (200, "fresh")
+            assert server.connections == 2
+
+    run(test)
+
+
+def test_a_stale_connection_is_replayed_once_at_most() -> None:
+    async def test(client: httpx2.AsyncClient) -> None:
+        async with ScriptedServer(response(b"a"), response(b"b"), DROP, DROP) as server:
+            await asyncio.gather(client.get(server.url), client.get(server.url))  # two pooled connections
+            assert server.connections == 2
+            with pytest.raises(httpx2.RemoteProtocolError):
+                await client.get(server.url)  # stale pooled one, then a new one that also drops
+            assert server.connections == 3 and len(server.heads) == 4
+
+    run(test)
+
+
+def test_line_breaks_in_a_header_value_are_refused_before_sending() -> None:
+    async def test(client: httpx2.AsyncClient) -> None:
+        async with ScriptedServer(response()) as server:
+            with pytest.raises(httpx2.LocalProtocolError, match="(?i)authorization"):
+                await client.get(server.url, headers={"Authorization": "Bearer key\r\nX-Injected: 1"})
+            assert server.connections == 0
+
+    run(test)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from rlm.errors import SandboxError, SandboxUnavailable
 from rlm.sandbox import seccomp
 from rlm.sandbox.base import LLMBridge, SandboxLimits
 from rlm.sandbox.runtime import SYSTEM_DIRS, package_dir, python_dirs, top_level
-from rlm.sandbox.subprocess import BOOT, Launch, SubprocessSandbox, _Worker, package_root, scrubbed_env
+from rlm.sandbox.subprocess import Launch, SubprocessSandbox, _Worker, python_argv, scrubbed_env
 
 __all__ = ["BwrapSandbox", "bwrap_path"]
 
@@ -88,7 +87,7 @@ class BwrapSandbox(SubprocessSandbox):
             "--proc", "/proc", "--dev", "/dev",
             *(["--size", str(self.limits.file_size + _SCRATCH_SLACK)] if self.limits.file_size else []),
             "--tmpfs", SCRATCH, "--chdir", SCRATCH,
-            "--", sys.executable, "-I", "-c", BOOT, package_root(),
+            "--", *python_argv(),
         ]
         # bwrap hands its own (scrubbed) environment on to the worker; cwd is bwrap's own.
         return Launch(argv=argv, cwd="/", env=scrubbed_env(SCRATCH), signal_in_exit_code=True)

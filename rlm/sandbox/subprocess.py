@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import signal
+import site
 import socket
 import struct
 import subprocess
@@ -60,7 +61,7 @@ START_TIMEOUT = 30.0
 _WRITE_CHUNK = 16 << 20
 
 # The worker imports our package from where the host found it, nothing from the environment.
-BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from rlm.sandbox.worker import main; main()"
+BOOT = "import os, sys; sys.path[:0] = sys.argv[1].split(os.pathsep); from rlm.sandbox.worker import main; main()"
 
 # Host variables the worker may need to start Python at all; nothing else is passed on.
 _PASSED_ON = ("LD_LIBRARY_PATH",)
@@ -83,6 +84,19 @@ def scrubbed_env(home: str) -> dict[str, str]:
 def package_root() -> str:
     """The directory holding our `rlm` package (the worker imports it from there)."""
     return str(Path(rlm.__file__).resolve().parent.parent)
+
+
+def python_argv() -> list[str]:
+    """The command that starts a worker, before the file channel's descriptor number.
+
+    `-S`: no `site` at start-up. Its `.pth` hooks (editable installs, certificate shims...)
+    cost 50-70 ms on a 2-core machine, which a tree of child REPLs pays once per child, and
+    they run code nobody chose for the sandbox. The worker gets our package and the
+    installation's site-packages on `sys.path` instead, so model code can still import
+    what is installed (but not packages that only a `.pth` hook makes importable).
+    """
+    paths = [package_root(), *(p for p in site.getsitepackages() if os.path.isdir(p))]
+    return [sys.executable, "-I", "-S", "-c", BOOT, os.pathsep.join(dict.fromkeys(paths))]
 
 
 @lru_cache(maxsize=1)
@@ -312,7 +326,7 @@ class SubprocessSandbox(Sandbox):
 
     def _launch(self) -> Launch:
         scratch = str(self._held.scratch)
-        argv = [sys.executable, "-I", "-c", BOOT, package_root()]  # cwd is the scratch dir
+        argv = python_argv()  # cwd is the scratch dir
         return Launch(argv=argv, cwd=scratch, env=scrubbed_env(scratch))
 
     def _confinement(self, worker_pid: int) -> dict[str, Any]:

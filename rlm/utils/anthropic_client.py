@@ -17,8 +17,7 @@ import anthropic
 
 from rlm.errors import MalformedResponse
 from rlm.usage import Usage
-from rlm.utils.endpoint import LoopBound, closing_http_client, decoded_json, ssl_context, translated_errors
-from rlm.utils.http import LeanTransport
+from rlm.utils.endpoint import LoopBound, closing_http_client, decoded_json, lean_transport, ssl_context, translated_errors
 from rlm.utils.llm import Completion, estimate_tokens
 
 __all__ = ["AnthropicClient"]
@@ -68,7 +67,7 @@ class AnthropicClient:
         await self._async.aclose()
 
     def _new_async_sdk(self) -> Any:
-        http = anthropic.DefaultAsyncHttpxClient(verify=ssl_context(), transport=LeanTransport(ssl_context()))
+        http = anthropic.DefaultAsyncHttpxClient(verify=ssl_context(), transport=lean_transport(self.base_url))
         return anthropic.AsyncAnthropic(**self._options, http_client=http)
 
     def _params(self, messages: list[dict], max_tokens: int | None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ client's). Every message names the URL and says what to try.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import functools
 import itertools
@@ -22,14 +23,17 @@ import random
 import ssl
 import threading
 import time
+import weakref
 from typing import Any, Callable, NoReturn
 
 import httpx2
 
-from rlm.errors import ClientError, EndpointUnreachable, MalformedResponse
-from rlm.utils.http import LeanTransport
+from rlm.errors import ClientError, ConfigError, EndpointUnreachable, MalformedResponse
+from rlm.utils.http import LeanTransport, proxied
 
-__all__ = ["JSONEndpoint", "LoopBound", "translated_errors", "decoded_json", "ssl_context", "closing_http_client"]
+__all__ = [
+    "JSONEndpoint", "LoopBound", "translated_errors", "decoded_json", "lean_transport", "ssl_context", "closing_http_client",
+]
 
 _RETRIED_STATUSES = frozenset({408, 409, 429})
 _LONGEST_TOLD_WAIT = 60.0  # seconds; a longer Retry-After is not waited for
@@ -47,6 +51,7 @@ class JSONEndpoint:
             "base_url": base_url + "/",
             "headers": headers,
             "timeout": httpx2.Timeout(timeout, connect=min(timeout, _CONNECT_TIMEOUT)),
+            "follow_redirects": True,
         }
         self._sync = closing_http_client(httpx2.Client, **self._options)
         # One async client per event loop: its connections belong to the loop that made them.
@@ -64,8 +69,8 @@ class JSONEndpoint:
         for attempt in itertools.count():
             try:
                 outcome: httpx2.Response | httpx2.TransportError = await client.post(path, content=content, headers=_JSON)
-            except httpx2.TransportError as exc:
-                outcome = exc
+            except httpx2.RequestError as exc:
+                outcome = self._failure(exc)
             if isinstance(outcome, httpx2.Response) and not _retried(outcome.status_code):
                 return self._decoded(outcome)
             await asyncio.sleep(self._wait(attempt, outcome))
@@ -88,8 +93,8 @@ class JSONEndpoint:
         for attempt in itertools.count():
             try:
                 outcome: httpx2.Response | httpx2.TransportError = send()
-            except httpx2.TransportError as exc:
-                outcome = exc
+            except httpx2.RequestError as exc:
+                outcome = self._failure(exc)
             if isinstance(outcome, httpx2.Response) and not _retried(outcome.status_code):
                 return outcome
             time.sleep(self._wait(attempt, outcome))
@@ -103,10 +108,26 @@ class JSONEndpoint:
             return told
         return min(_FIRST_WAIT * 2**attempt, _LONGEST_WAIT) * (1 - 0.25 * random.random())
 
+    def _failure(self, exc: httpx2.RequestError) -> httpx2.TransportError:
+        """A failure worth another attempt; raises at once for those that no retry can mend."""
+        url = self.base_url
+        if isinstance(exc, httpx2.LocalProtocolError):  # we could not even write the request
+            raise ConfigError(f"cannot send a request to {url}: {exc}. Check the API key and headers.") from exc
+        if isinstance(exc, httpx2.DecodingError):
+            raise MalformedResponse(f"the endpoint at {url} sent a body that cannot be decoded: {exc}", url=url) from exc
+        if isinstance(exc, httpx2.TransportError):
+            return exc
+        raise ClientError(f"the request to the model endpoint {url} failed: {exc}", url=url) from exc
+
     def _give_up(self, outcome: httpx2.Response | httpx2.TransportError) -> NoReturn:
+        url = self.base_url
+        if isinstance(outcome, (httpx2.TimeoutException, httpx2.ConnectError)):
+            raise unreachable(url, timed_out=isinstance(outcome, httpx2.TimeoutException)) from outcome
         if isinstance(outcome, httpx2.TransportError):
-            raise unreachable(self.base_url, timed_out=isinstance(outcome, httpx2.TimeoutException)) from outcome
-        raise status_error(self.base_url, outcome.status_code, outcome.text[:500])
+            raise ClientError(
+                f"the model endpoint {url} broke off the exchange ({outcome}); its log may say why", url=url
+            ) from outcome
+        raise status_error(url, outcome.status_code, outcome.text[:500])
 
     def _decoded(self, response: httpx2.Response) -> Any:
         if response.status_code >= 400:
@@ -114,8 +135,7 @@ class JSONEndpoint:
         return decoded_json(response, self.base_url)
 
     def _new_async_client(self) -> httpx2.AsyncClient:
-        # Requests that a proxy variable routes through a proxy go to httpx2's own transports.
-        return httpx2.AsyncClient(**self._options, verify=ssl_context(), transport=LeanTransport(ssl_context()))
+        return httpx2.AsyncClient(**self._options, verify=ssl_context(), transport=lean_transport(self.base_url))
 
 
 _JSON = {"Content-Type": "application/json"}
@@ -128,17 +148,23 @@ def _retried(status: int) -> bool:
 def _told_wait(headers: httpx2.Headers) -> float | None:
     """The wait a server asked for in `retry-after-ms` or `Retry-After` (seconds or a date)."""
     try:
-        if "retry-after-ms" in headers:
-            return float(headers["retry-after-ms"]) / 1000
-        if "retry-after" in headers:
-            value = headers["retry-after"]
-            try:
-                return float(value)
-            except ValueError:
-                return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        return float(headers["retry-after-ms"]) / 1000
+    except (KeyError, ValueError):
+        pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
     except (ValueError, TypeError):  # a header we cannot read: wait our own way
         return None
-    return None
+    if moment.tzinfo is None:  # asctime form and "-0000": HTTP dates are always UTC
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp() - time.time()
 
 
 # -- our errors, with the same messages whichever way the request went --------------------------
@@ -227,28 +253,35 @@ def _hint(status: int) -> str:
 class LoopBound:
     """One async client per event loop: its connections belong to the loop that made them.
 
-    `get()` makes a new client when called from another loop than the last one (each
-    `completion()` runs its own loop); `aclose()` releases the current one with `close`.
+    `get()` gives the running loop's client, made on first use (each `completion()` runs its
+    own loop; threads may run theirs at the same time); `aclose()` releases the running loop's
+    client with `close`. A loop's client is dropped with the loop.
     """
 
     def __init__(self, make: Callable[[], Any], *, close: Callable[[Any], Any]) -> None:
         self._make = make
         self._close = close
-        self._held: tuple[asyncio.AbstractEventLoop, Any] | None = None
+        self._held: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     def get(self) -> Any:
         loop = asyncio.get_running_loop()
         with self._lock:
-            if self._held is None or self._held[0] is not loop:
-                self._held = (loop, self._make())
-            return self._held[1]
+            client = self._held.get(loop)
+            if client is None:
+                client = self._held[loop] = self._make()
+            return client
 
     async def aclose(self) -> None:
         with self._lock:
-            held, self._held = self._held, None
-        if held is not None:
-            await self._close(held[1])
+            client = self._held.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await self._close(client)
+
+
+def lean_transport(url: str) -> LeanTransport | None:
+    """Our lean transport for requests to `url`, or None (httpx2's own) when a proxy is to carry them."""
+    return None if proxied(url) else LeanTransport(ssl_context())
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,9 +7,10 @@ HTTP/1.1 straight over asyncio streams (~0.2 ms a request), keeps connections al
 origin, and raises httpx2's own exceptions, so the SDKs above it (their retries, timeouts
 and status errors) and our error translation work unchanged.
 
-What it does not do, on purpose: HTTP/2, proxies (httpx2 sends requests that an
-`HTTP(S)_PROXY` variable routes through a proxy to its own proxy transports, never here),
-and streaming request bodies (the body is read whole first; ours are small JSON documents).
+What it does not do, on purpose: HTTP/2; proxies (`proxied(url)` says when the environment
+routes a URL through one: use httpx2's own transport then); streaming request bodies (the
+body is read whole first; ours are small JSON documents); connection limits (`Limits`, the
+`pool` timeout: the engine's concurrency limiter bounds the requests in flight).
 
 A transport belongs to the event loop it first ran on: its connections are that loop's.
 """
@@ -17,20 +18,29 @@ A transport belongs to the event loop it first ran on: its connections are that 
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import sys
 import time
-from typing import AsyncIterator, Awaitable, TypeVar
+import urllib.parse
+import urllib.request
+from typing import AsyncIterator, Awaitable, NamedTuple, TypeVar
 
 import httpx2
 
-__all__ = ["LeanTransport"]
+__all__ = ["LeanTransport", "proxied"]
 
 _T = TypeVar("_T")
 _MAX_HEAD = 64 * 1024  # bytes of status line + headers we accept
 _PIECE = 64 * 1024  # bytes per body read
 _NO_BODY_STATUSES = (204, 304)
 _DROPPED_REQUEST_HEADERS = (b"transfer-encoding", b"content-length", b"connection", b"keep-alive")
+_FORBIDDEN_IN_HEADERS = re.compile(rb"[\r\n\0]")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_STATUS = re.compile(rb"[1-9][0-9][0-9]")
+# A kept-alive connection that fails this soon after the request went out, before any byte of
+# an answer, was closed by the server while idle; later, the server may have acted on it.
+_STALE_WITHIN = 1.0
 
 
 async def _within(awaitable: Awaitable[_T], seconds: float | None) -> _T:
@@ -43,6 +53,15 @@ async def _within(awaitable: Awaitable[_T], seconds: float | None) -> _T:
     return await asyncio.wait_for(awaitable, seconds)
 
 
+def proxied(url: str) -> bool:
+    """True when HTTP(S)_PROXY / ALL_PROXY (less NO_PROXY) route requests to `url` through a proxy."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    if not (proxies.get(parts.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass_environment(parts.hostname or "", proxies)
+
+
 class _Connection:
     """One kept-alive TCP (or TLS) connection to an origin."""
 
@@ -51,12 +70,19 @@ class _Connection:
         self.reader = reader
         self.writer = writer
         self.idle_since = time.monotonic()
+        self.sent_at = 0.0
         self.reused = False
 
     def usable(self, expiry: float) -> bool:
-        """Still open, not left over by the server, and not idle past `expiry` seconds."""
-        fresh = time.monotonic() - self.idle_since < expiry
-        return fresh and not self.writer.is_closing() and not self.reader.at_eof()
+        """Open, silent since its last response, and not idle past `expiry` seconds.
+
+        A server that times out an idle connection may say so first (`408` and a close):
+        those bytes wait in the reader's buffer and must not be taken for the next answer.
+        """
+        if time.monotonic() - self.idle_since >= expiry or self.writer.is_closing():
+            return False
+        reader = self.reader
+        return not reader.at_eof() and reader.exception() is None and not reader._buffer  # type: ignore[attr-defined]
 
     def close(self) -> None:
         self.writer.close()
@@ -80,25 +106,25 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         if self._closed:
             raise RuntimeError("this transport was closed; make a new client")
         timeouts = request.extensions.get("timeout", {})
-        head = _request_head(request, len(body := await request.aread()))
-        while True:
-            connection = await self._connection(request, timeouts.get("connect"))
+        body = await request.aread()
+        message = _request_head(request, len(body)) + body
+        for pooled in (True, False):
+            connection = await self._connection(request, timeouts.get("connect"), pooled=pooled)
             try:
-                await _send(connection, head + body, timeouts.get("write"), request)
-                status, reason, headers = await _read_head(connection, timeouts.get("read"), request)
-                framing = _framing(request, status, headers)
+                await _send(connection, message, timeouts.get("write"), request)
+                head = await _read_head(connection, timeouts.get("read"), request)
+                framing = _framing(request, head)
             except _StaleConnection:
-                connection.close()  # the server closed a kept-alive connection: try a new one
+                connection.close()  # the server had closed this kept-alive connection: once more on a new one
                 continue
             except BaseException:
                 connection.close()
                 raise
             break
-        reusable = _keeps_alive(request, headers)
-        stream = _ResponseBody(self, connection, framing, reusable, timeouts.get("read"), request)
+        stream = _ResponseBody(self, connection, framing, _keeps_alive(request, head), timeouts.get("read"), request)
         return httpx2.Response(
-            status, headers=headers, stream=stream,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason},
+            head.status, headers=head.headers, stream=stream,
+            extensions={"http_version": head.version, "reason_phrase": head.reason},
         )
 
     async def aclose(self) -> None:
@@ -108,10 +134,11 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             for connection in connections:
                 connection.close()
 
-    async def _connection(self, request: httpx2.Request, timeout: float | None) -> _Connection:
+    async def _connection(self, request: httpx2.Request, timeout: float | None, *, pooled: bool) -> _Connection:
         url = request.url
-        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
-        pool = self._idle.get(origin, [])
+        # raw_host: the ASCII (IDNA 2008) form httpx2 also sends in Host; IPv6 without brackets.
+        origin = (url.scheme, url.raw_host.decode("ascii"), url.port or (443 if url.scheme == "https" else 80))
+        pool = self._idle.get(origin, []) if pooled else []
         while pool:
             connection = pool.pop()
             if connection.usable(self._expiry):
@@ -143,12 +170,16 @@ class LeanTransport(httpx2.AsyncBaseTransport):
 
 
 class _StaleConnection(Exception):
-    """A kept-alive connection turned out closed before the server read our request."""
+    """A kept-alive connection turned out closed before the server answered anything."""
 
 
 def _request_head(request: httpx2.Request, length: int) -> bytes:
     lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), request.url.raw_path)]
-    lines.extend(name + b": " + value for name, value in request.headers.raw if name.lower() not in _DROPPED_REQUEST_HEADERS)
+    for name, value in request.headers.raw:
+        if _FORBIDDEN_IN_HEADERS.search(name + value):  # e.g. an API key read with its line ending
+            raise httpx2.LocalProtocolError(f"the request header {name.decode('latin-1')!r} contains CR, LF or NUL")
+        if name.lower() not in _DROPPED_REQUEST_HEADERS:
+            lines.append(name + b": " + value)
     if length or request.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
         lines.append(b"Content-Length: %d" % length)
     if any(name.lower() == b"connection" and value.lower() == b"close" for name, value in request.headers.raw):
@@ -157,6 +188,7 @@ def _request_head(request: httpx2.Request, length: int) -> bytes:
 
 
 async def _send(connection: _Connection, data: bytes, timeout: float | None, request: httpx2.Request) -> None:
+    connection.sent_at = time.monotonic()
     try:
         connection.writer.write(data)
         await _within(connection.writer.drain(), timeout)
@@ -168,10 +200,16 @@ async def _send(connection: _Connection, data: bytes, timeout: float | None, req
         raise httpx2.WriteError(f"sending the request failed: {exc}", request=request) from exc
 
 
-async def _read_head(
-    connection: _Connection, timeout: float | None, request: httpx2.Request
-) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+class _Head(NamedTuple):
+    version: bytes
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+async def _read_head(connection: _Connection, timeout: float | None, request: httpx2.Request) -> _Head:
     """Status, reason and headers of the response, skipping informational (1xx) ones."""
+    answered = False
     while True:
         try:
             raw = await _within(connection.reader.readuntil(b"\r\n\r\n"), timeout)
@@ -180,20 +218,21 @@ async def _read_head(
         except asyncio.LimitOverrunError as exc:
             raise httpx2.RemoteProtocolError("the response headers exceed 64 KiB", request=request) from exc
         except (asyncio.IncompleteReadError, OSError) as exc:
-            nothing_read = not isinstance(exc, asyncio.IncompleteReadError) or not exc.partial
-            if connection.reused and nothing_read:
+            nothing_read = not answered and (not isinstance(exc, asyncio.IncompleteReadError) or not exc.partial)
+            if connection.reused and nothing_read and time.monotonic() - connection.sent_at < _STALE_WITHIN:
                 raise _StaleConnection from exc
             raise httpx2.RemoteProtocolError("the server closed the connection without a complete response",
                                              request=request) from exc
-        status, reason, headers = _parse_head(raw, request)
-        if not 100 <= status < 200:
-            return status, reason, headers
+        head = _parse_head(raw, request)
+        if not 100 <= head.status < 200:
+            return head
+        answered = True
 
 
-def _parse_head(raw: bytes, request: httpx2.Request) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+def _parse_head(raw: bytes, request: httpx2.Request) -> _Head:
     status_line, *header_lines = raw[:-4].split(b"\r\n")
     parts = status_line.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+    if len(parts) < 2 or parts[0] not in (b"HTTP/1.0", b"HTTP/1.1") or not _STATUS.fullmatch(parts[1]):
         raise httpx2.RemoteProtocolError(f"not an HTTP/1.x response: {status_line[:80]!r}", request=request)
     headers = []
     for line in header_lines:
@@ -201,7 +240,7 @@ def _parse_head(raw: bytes, request: httpx2.Request) -> tuple[int, bytes, list[t
         if not colon or not name or name != name.strip():
             raise httpx2.RemoteProtocolError(f"malformed response header: {line[:80]!r}", request=request)
         headers.append((name, value.strip()))
-    return int(parts[1]), parts[2] if len(parts) > 2 else b"", headers
+    return _Head(parts[0], int(parts[1]), parts[2] if len(parts) > 2 else b"", headers)
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -209,18 +248,24 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return b", ".join(values) if values else None
 
 
-def _keeps_alive(request: httpx2.Request, headers: list[tuple[bytes, bytes]]) -> bool:
-    tokens = (_header(headers, b"connection") or b"").lower()
-    return b"close" not in tokens and (request.headers.get("connection") or "").lower() != "close"
+def _keeps_alive(request: httpx2.Request, head: _Head) -> bool:
+    """HTTP/1.1 connections stay open unless either side says close; HTTP/1.0 ones only on request."""
+    tokens = (_header(head.headers, b"connection") or b"").lower()
+    if b"close" in tokens or (request.headers.get("connection") or "").lower() == "close":
+        return False
+    return head.version != b"HTTP/1.0" or b"keep-alive" in tokens
 
 
-def _framing(request: httpx2.Request, status: int, headers: list[tuple[bytes, bytes]]) -> int | str:
+def _framing(request: httpx2.Request, head: _Head) -> int | str:
     """How the body ends: its length in bytes, "chunked", or "close" (read until the server closes)."""
-    if request.method == "HEAD" or status in _NO_BODY_STATUSES:
+    if request.method == "HEAD" or head.status in _NO_BODY_STATUSES:
         return 0
-    if b"chunked" in (_header(headers, b"transfer-encoding") or b"").lower():
+    coding = _header(head.headers, b"transfer-encoding")
+    if coding is not None:
+        if coding.strip().lower() != b"chunked":  # e.g. "gzip, chunked": no client decodes that
+            raise httpx2.RemoteProtocolError(f"unsupported Transfer-Encoding {coding[:40]!r}", request=request)
         return "chunked"
-    length = _header(headers, b"content-length")
+    length = _header(head.headers, b"content-length")
     if length is None:
         return "close"
     values = {value.strip() for value in length.split(b",")}
@@ -291,10 +336,9 @@ class _ResponseBody(httpx2.AsyncByteStream):
         while True:
             line = await self._read(reader.readuntil(b"\r\n"))
             size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise httpx2.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}", request=self._request) from None
+            if not _CHUNK_SIZE.fullmatch(size_text):
+                raise httpx2.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}", request=self._request)
+            size = int(size_text, 16)
             if size == 0:
                 while await self._read(reader.readuntil(b"\r\n")) != b"\r\n":
                     pass  # trailer fields: nothing of ours uses them
