@@ -24,6 +24,7 @@ from rlm.errors import BudgetExceeded, ClientError
 from rlm.parsing import ParsedReply, parse_reply
 from rlm.repl import REPLEnv, SandboxFactory
 from rlm.sandbox import ContextSource, ExecResult, SandboxLimits, SubCallFailed
+from rlm.sandbox.worker import describe_context
 from rlm.usage import CallRecord, Usage, UsageLedger, price_call
 from rlm.utils import prompts
 from rlm.utils.llm import Completion, LLMClient
@@ -84,6 +85,7 @@ class Tree:
         self.executor = ThreadPoolExecutor(max_workers=64 + 4 * settings.max_concurrency, thread_name_prefix="rlm")
         self.window: int | None = settings.context_window
         self.last_root_reply: str | None = None
+        self._releasing: list[tuple[concurrent.futures.Future, REPLEnv]] = []
 
     async def blocking(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run blocking work (a cell, a worker start) in the tree's thread pool."""
@@ -123,8 +125,28 @@ class Tree:
         self.ledger.add(CallRecord(role, depth, model, usage, cost, cache_hit=hit))
         return cost
 
+    def release(self, opening: "concurrent.futures.Future[tuple[REPLEnv, dict]]") -> None:
+        """Close a finished run's REPL (once it is open) in the background: a child's answer
+        need not wait for its worker to die. `close()` waits for every one."""
+        self._releasing.append((self.executor.submit(_close_opened, opening), opening))
+
     async def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        try:
+            for closing, _ in self._releasing:
+                await asyncio.wrap_future(closing)
+        finally:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            for closing, opening in self._releasing:
+                if closing.cancelled():  # interrupted before the pool got to it
+                    _close_opened(opening)
+
+
+def _close_opened(opening: "concurrent.futures.Future[tuple[REPLEnv, dict]]") -> None:
+    """Close the REPL `opening` makes, once made. One that failed to open has nothing to close
+    (its error went to its run, or that run had already failed for another reason)."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    opening.result()[0].close()
 
 
 class Run:
@@ -152,39 +174,68 @@ class Run:
         self._cell: concurrent.futures.Future | None = None  # the cell running now, or the last one
 
     async def answer(self, query: str, source: ContextSource) -> str | None:
-        """Run the loop to a final answer, or None after max_iterations turns."""
-        env = await self.tree.blocking(self._open_env)
+        """Run the loop to a final answer, or None after max_iterations turns.
+
+        The REPL starts in the pool while the model writes its first reply, when the host can
+        describe the context as the worker would (text, or a list of texts).
+        """
+        opening = self.tree.executor.submit(self._open_env, source)
         try:
-            info = await self.tree.blocking(env.load_context, source)
+            info = self._described(source)
+            sandbox = self.settings.sandbox
+            if info is None or not isinstance(sandbox, str):
+                env, info = await asyncio.wrap_future(opening)
+                sandbox = env.sandbox.name
             system = prompts.system_prompt(
                 self.settings.prompt, sub_chars=self.settings.sub_call_chars,
                 max_output=self.settings.max_output_length, sub_calls=self.can_sub_call, recursion=self.can_recurse,
             )
             self.tree.tracer.emit(RunStart(
                 run_id=self.run_id, parent_id=self.parent_id, depth=self.depth, query=query, context=info,
-                root_model=self.client.model, sub_model=self.settings.sub_client.model, sandbox=env.sandbox.name,
+                root_model=self.client.model, sub_model=self.settings.sub_client.model, sandbox=sandbox,
                 max_iterations=self.settings.max_iterations, system_prompt=system,
                 settings=recorded_settings(self.settings) if self.depth == 0 else None, **self.origin,
             ))
-            return await self._loop(env, query, _Conversation(system, prompts.first_user_message(query, info)))
+            return await self._loop(opening, query, _Conversation(system, prompts.first_user_message(query, info)))
         finally:
             try:
                 await self._end()
             finally:
-                env.close()
+                self.tree.release(opening)
 
-    def _open_env(self) -> REPLEnv:
-        return REPLEnv(
+    def _open_env(self, source: ContextSource) -> tuple[REPLEnv, dict]:
+        """A new REPL with the context loaded, and the context's description (in a pool thread)."""
+        env = REPLEnv(
             bridge=self._bridge, tracer=self.tree.tracer, run_id=self.run_id, depth=self.depth,
             parent_id=self.parent_id,
             sandbox=self.settings.sandbox, exec_timeout=self.settings.exec_timeout,
             max_output_length=self.settings.max_output_length, limits=self.settings.sandbox_limits,
         )
+        try:
+            return env, env.load_context(source)
+        except BaseException:
+            env.close()
+            raise
 
-    async def _loop(self, env: REPLEnv, query: str, conversation: "_Conversation") -> str | None:
+    @staticmethod
+    def _described(source: ContextSource) -> dict | None:
+        """The context's description, when the host can tell it without the worker."""
+        value = source.value
+        if source.path is None and (isinstance(value, str) or (
+            isinstance(value, list) and all(isinstance(item, str) for item in value)
+        )):
+            return describe_context(value)
+        return None
+
+    async def _loop(self, opening: "concurrent.futures.Future[tuple[REPLEnv, dict]]", query: str,
+                    conversation: "_Conversation") -> str | None:
+        env: REPLEnv | None = None
         for turn in range(1, self.settings.max_iterations + 1):
-            self.turn = env.turn = turn
+            self.turn = turn
             reply = await self._ask(conversation)
+            if env is None:  # started while the model thought about its first reply
+                env = (await asyncio.wrap_future(opening))[0]
+            env.turn = turn
             outcome = await self._act(parse_reply(reply.text), reply, env)
             if outcome.answer is not None:
                 self.tree.tracer.emit(Final(

@@ -7,6 +7,7 @@ must really work: a level that cannot start here fails these tests, it is not sk
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -307,8 +308,17 @@ def _alive(pid: int) -> bool:
 def test_a_start_failure_is_a_sandbox_error_with_the_workers_output(bridge, monkeypatch):
     from rlm.sandbox import subprocess as worker_sandbox
 
+    # A fresh interpreter (as bwrap starts one) that fails at boot...
     monkeypatch.setattr(worker_sandbox, "BOOT", "import sys; sys.stderr.write('boom at boot'); sys.exit(5)")
+    fresh = worker_sandbox.SubprocessSandbox._launch
+    monkeypatch.setattr(worker_sandbox.SubprocessSandbox, "_launch",
+                        lambda self: dataclasses.replace(fresh(self), argv=worker_sandbox.python_argv(), forked=False))
     with pytest.raises(SandboxError, match="boom at boot"):
+        create_sandbox("subprocess", bridge)
+    # ... and a forked worker that cannot become one (its directory is gone).
+    monkeypatch.setattr(worker_sandbox.SubprocessSandbox, "_launch",
+                        lambda self: dataclasses.replace(fresh(self), cwd="/nonexistent/scratch"))
+    with pytest.raises(SandboxError, match="nonexistent/scratch"):
         create_sandbox("subprocess", bridge)
 
 

@@ -51,6 +51,7 @@ from rlm.sandbox.base import (
     SubCallFailed,
     result_from_session,
 )
+from rlm.sandbox import forkserver
 from rlm.sandbox.protocol import FrameReader, ProtocolError, write_frame
 from rlm.sandbox.textfile import ascii_view
 
@@ -145,6 +146,7 @@ class Launch:
     env: dict[str, str]
     pass_fds: tuple[int, ...] = ()
     signal_in_exit_code: bool = False  # a wrapper that reports a worker killed by N as 128 + N
+    forked: bool = False  # `argv` is `python_argv()`: fork the worker from the fork server instead
 
 
 class _Worker:
@@ -158,7 +160,7 @@ class _Worker:
         self.files, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.files.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         try:
-            self.process = subprocess.Popen(
+            self.process = self._forked(worker_end) if launch.forked else subprocess.Popen(
                 [*launch.argv, str(worker_end.fileno())],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -176,6 +178,10 @@ class _Worker:
             worker_end.close()
         self.reader = FrameReader(self.process.stdout.fileno())
         self._handshake(setup, time.monotonic() + START_TIMEOUT)
+
+    def _forked(self, worker_end: socket.socket) -> forkserver.ForkedProcess:
+        paths = self.launch.argv[-1]  # python_argv()'s sys.path prefix
+        return forkserver.spawn(paths, self.launch.cwd, self.launch.env, self.stderr.fileno(), worker_end.fileno())
 
     def _handshake(self, setup: Callable[[int], dict], deadline: float) -> None:
         ready = None
@@ -327,7 +333,7 @@ class SubprocessSandbox(Sandbox):
     def _launch(self) -> Launch:
         scratch = str(self._held.scratch)
         argv = python_argv()  # cwd is the scratch dir
-        return Launch(argv=argv, cwd=scratch, env=scrubbed_env(scratch))
+        return Launch(argv=argv, cwd=scratch, env=scrubbed_env(scratch), forked=True)
 
     def _confinement(self, worker_pid: int) -> dict[str, Any]:
         """Landlock and seccomp settings for the worker's setup frame (none here)."""
@@ -381,7 +387,7 @@ class SubprocessSandbox(Sandbox):
         handle = tempfile.TemporaryFile(prefix="rlm-context-", dir=disk_tempdir())
         if isinstance(source.value, str):
             _write_text(handle, source.value)
-            fmt = "text"
+            fmt = "str"  # our own writing of a str: read back exactly, lone surrogates too
         else:
             text = io.TextIOWrapper(handle, encoding="utf-8")
             json.dump(source.value, text, ensure_ascii=False)  # written piece by piece, never whole

@@ -186,7 +186,9 @@ class Session:
         """Load the context from an open file, which is closed here.
 
         'json' is parsed. 'text' is memory-mapped (that mapping is `context_bytes`) and decoded
-        once into `context`; a pure-ASCII file is read straight into the string (textfile.py).
+        once into `context`, bad UTF-8 replaced; a pure-ASCII file is read straight into the
+        string (textfile.py). 'str' is text the host wrote from a `str` (surrogates passed
+        through), so that the context is exactly the string the user gave.
         """
         self.set_context(None)  # let a previous context go before the new one is built
         with open(fd, "rb") as handle:
@@ -200,7 +202,8 @@ class Session:
             from rlm.sandbox.textfile import read_ascii  # imports ctypes: only when a file comes
 
             text = read_ascii(handle.fileno(), size)
-        return self.set_context(str(raw, "utf-8", "replace") if text is None else text, raw)
+        errors = "surrogatepass" if fmt == "str" else "replace"
+        return self.set_context(str(raw, "utf-8", errors) if text is None else text, raw)
 
     # -- running cells ------------------------------------------------------------------
 
@@ -416,8 +419,9 @@ def _on_sigint(signum: int, frame: object) -> None:
 def main() -> None:
     """Serve one session over frames on stdin/stdout until 'shutdown' or end of input.
 
-    argv: [.., package root, file-channel fd]: the Unix socket on which the host passes the
-    context's file descriptor (see protocol.py).
+    argv: [.., sys.path prefix, file-channel fd, (host pid)]: the Unix socket on which the
+    host passes the context's file descriptor (see protocol.py); the host's pid when the
+    fork server made us (see forkserver.py).
     """
     global _session
     from rlm.sandbox.confine import apply
@@ -432,6 +436,8 @@ def main() -> None:
     sys.stdin = open(os.devnull, encoding="utf-8")
     reader = FrameReader(proto_in)
     files = int(sys.argv[2])
+    # A worker forked by the fork server is not the host's child: it watches the host itself.
+    host = os.pidfd_open(int(sys.argv[3])) if len(sys.argv) > 3 else None
     os.write(files, b"\0")  # the kernel attaches our credentials: the host learns our pid as it sees it
     write_frame(proto_out, {"op": "hello", "pid": os.getpid()})
     apply(reader.read())  # limits, Landlock, seccomp: before any thread starts (see confine.py)
@@ -450,7 +456,7 @@ def main() -> None:
 
     _session = Session(bridge, process_wide=True)
     signal.signal(signal.SIGINT, _on_sigint)
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(), proto_out), daemon=True).start()
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(), host, proto_out), daemon=True).start()
     write_frame(proto_out, {"op": "ready", "pid": os.getpid()})
     while True:
         try:
@@ -464,17 +470,20 @@ def main() -> None:
         write_frame(proto_out, _dispatch(_session, message, files))
 
 
-def _exit_when_orphaned(parent: int, proto_out: int) -> None:
+def _exit_when_orphaned(parent: int, host: int | None, proto_out: int) -> None:
     """If the host dies without closing us (SIGKILL, say), remove our scratch files and exit.
 
     The host's death closes the read end of our output pipe (poll reports an error on ours);
-    a change of parent catches a host whose pipe lives on in a process it forked.
+    a change of parent, or the host's pidfd turning readable when our parent is the fork
+    server, catches a host whose pipe lives on in a process it forked.
     """
     import select
 
     watch = select.poll()
     watch.register(proto_out, select.POLLERR)
-    while not watch.poll(500) and os.getppid() == parent:
+    if host is not None:
+        watch.register(host, select.POLLIN)
+    while not watch.poll(500) and (host is not None or os.getppid() == parent):
         pass
     _leave_orphaned()
 
