@@ -1,6 +1,6 @@
 """Fan-out, recursion and budget overshoot of the call tree, against the fake server.
 
-Run by hand:  python bench/tree.py [--repeat 5] [--sandbox inprocess|subprocess]
+Run by hand:  python bench/tree.py [--repeat 5] [--sandbox subprocess|inprocess|strict|bwrap]
 
 The fake server runs in its own process (multiprocessing, spawn), so its request handling
 does not compete with the engine for this process's interpreter: the figures measure our
@@ -208,7 +208,7 @@ def _figure(label: str, values: list[float], ideal: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--sandbox", default="inprocess")
+    parser.add_argument("--sandbox", default="subprocess", help="the REPL level (default: the library's default)")
     args = parser.parse_args()
     print(f"fake server in a separate process (spawn); sandbox={args.sandbox}; median of {args.repeat} runs")
 

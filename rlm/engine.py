@@ -16,9 +16,9 @@ import concurrent.futures
 import dataclasses
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
 
+from rlm._pool import TreePool
 from rlm._text import clean_text, truncate_middle
 from rlm.errors import BudgetExceeded, ClientError
 from rlm.parsing import ParsedReply, parse_reply
@@ -80,9 +80,7 @@ class Tree:
         self.first_record = len(ledger.records())
         self.limiter = asyncio.Semaphore(settings.max_concurrency)
         self.cache: dict[tuple[str, str], asyncio.Future] | None = {} if settings.cache else None
-        # Cells block a thread each, and a cell waiting on rlm_query holds its thread while the
-        # child's cells run, so the pool must not be the small default one.
-        self.executor = ThreadPoolExecutor(max_workers=64 + 4 * settings.max_concurrency, thread_name_prefix="rlm")
+        self.executor = TreePool()  # blocking work: cells, REPL starts and closes
         self.window: int | None = settings.context_window
         self.last_root_reply: str | None = None
         self._releasing: list[tuple[concurrent.futures.Future, REPLEnv]] = []

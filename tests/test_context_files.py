@@ -50,6 +50,14 @@ def test_context_bytes_of_a_str_context_and_of_structured_ones(sandbox):
     assert ok(sandbox, "print(context_bytes)") == "None\n"
 
 
+@pytest.mark.parametrize("repeat", [10, 20_000], ids=["in the frame", "through a file"])
+def test_a_str_context_small_or_large_arrives_exactly(sandbox, repeat):
+    text = "grüße \u2603 " * repeat  # 100 characters, or 200,000: past what goes in the frame itself
+    sandbox.load_context(ContextSource(value=text))
+    code = "print(len(context), context_bytes[:].decode() == context, context[-8:])"
+    assert ok(sandbox, code) == f"{len(text)} True {text[-8:]}\n"
+
+
 def test_context_bytes_is_restored_after_model_code_overwrites_it(sandbox):
     sandbox.load_context(ContextSource(value="abc"))
     ok(sandbox, "context_bytes = b'clobbered'")

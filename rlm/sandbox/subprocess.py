@@ -60,6 +60,7 @@ __all__ = ["Launch", "SubprocessSandbox", "disk_tempdir", "package_root", "scrub
 INTERRUPT_GRACE = 1.0  # seconds between SIGINT and SIGKILL
 START_TIMEOUT = 30.0
 _WRITE_CHUNK = 16 << 20
+_INLINE_TEXT = 64 << 10  # characters: a str context up to this size goes in the frame itself
 
 # The worker imports our package from where the host found it, nothing from the environment.
 BOOT = "import os, sys; sys.path[:0] = sys.argv[1].split(os.pathsep); from rlm.sandbox.worker import main; main()"
@@ -87,6 +88,12 @@ def package_root() -> str:
     return str(Path(rlm.__file__).resolve().parent.parent)
 
 
+@lru_cache(maxsize=1)
+def _worker_path() -> str:
+    paths = [package_root(), *(p for p in site.getsitepackages() if os.path.isdir(p))]
+    return os.pathsep.join(dict.fromkeys(paths))
+
+
 def python_argv() -> list[str]:
     """The command that starts a worker, before the file channel's descriptor number.
 
@@ -96,8 +103,7 @@ def python_argv() -> list[str]:
     installation's site-packages on `sys.path` instead, so model code can still import
     what is installed (but not packages that only a `.pth` hook makes importable).
     """
-    paths = [package_root(), *(p for p in site.getsitepackages() if os.path.isdir(p))]
-    return [sys.executable, "-I", "-S", "-c", BOOT, os.pathsep.join(dict.fromkeys(paths))]
+    return [sys.executable, "-I", "-S", "-c", BOOT, _worker_path()]
 
 
 @lru_cache(maxsize=1)
@@ -124,6 +130,15 @@ def _filesystem_type(path: str) -> str:
     except OSError:
         return ""
     return kind
+
+
+def _utf8(text: str) -> bool:
+    """True unless `text` has a lone surrogate (which frames cannot carry: see protocol.py)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _write_text(handle: IO[bytes], text: str) -> None:
@@ -384,6 +399,8 @@ class SubprocessSandbox(Sandbox):
             return {"op": "load_context", "format": source.fmt}, open(source.path, "rb")  # noqa: SIM115
         if source.value is None:
             return {"op": "load_context", "value": None}, None
+        if isinstance(source.value, str) and len(source.value) <= _INLINE_TEXT and _utf8(source.value):
+            return {"op": "load_context", "text": source.value}, None  # a child's query, say: no file
         handle = tempfile.TemporaryFile(prefix="rlm-context-", dir=disk_tempdir())
         if isinstance(source.value, str):
             _write_text(handle, source.value)

@@ -506,6 +506,8 @@ def _dispatch(session: Session, message: dict, files: int) -> dict:
         if op == "load_context":
             if "value" in message:
                 return {"op": "context", **session.set_context(message["value"])}
+            if "text" in message:
+                return {"op": "context", **session.set_context(message["text"], message["text"].encode())}
             return {"op": "context", **session.load_context_fd(_receive_fd(files), message["format"])}
         if op == "get_var":
             return {"op": "var", **session.get_variable(message["name"])}
