@@ -130,12 +130,26 @@ def _run_big(level: str, path: Path, as_str: bool = False) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+_COLD_START = """
+import time
+from rlm.sandbox import create_sandbox, sandbox_class
+sandbox_class("subprocess")  # imported before the clock starts, as for the other figures
+began = time.perf_counter()
+create_sandbox("subprocess", lambda kind, prompts: []).close()
+print(time.perf_counter() - began)
+"""
+
+
 def _print_levels(levels: list[str], args: argparse.Namespace) -> None:
     print(f"{'level':<12}{'worker start':>14}{'exec round trip':>18}{'llm_query round trip':>23}")
     for level in levels:
         figures = _level_figures(level, args.starts, args.cells, args.calls)
         print(f"{level:<12}{figures['start'] * 1e3:>11.1f} ms{figures['exec'] * 1e3:>15.3f} ms"
               f"{figures['llm_query'] * 1e3:>20.3f} ms")
+    colds = [float(subprocess.run([sys.executable, "-c", _COLD_START], capture_output=True, text=True,
+                                  check=True).stdout) for _ in range(5)]
+    print(f"(the first subprocess/strict worker of a host process also starts the fork server: "
+          f"{statistics.median(colds) * 1e3:.0f} ms, median of 5 fresh processes)")
 
 
 def _print_big(levels: list[str], size_mb: int) -> None:
@@ -153,7 +167,8 @@ def _print_big(levels: list[str], size_mb: int) -> None:
         extra = as_str["host_peak"] - as_str["host_before"]
         print(f"\nthe same text as a str (subprocess): host peak {as_str['host_peak']:.0f} MB with the string "
               f"itself at {as_str['host_before']:.0f} MB before completion(): {extra:.0f} MB more "
-              f"(written in 16 MiB pieces); first request {as_str['first_request']:.2f} s")
+              f"(written in 16 MiB pieces); first request {as_str['first_request']:.2f} s (it does not wait for "
+              f"the context), completion() {as_str['completion']:.2f} s")
     finally:
         path.unlink()
         path.parent.rmdir()

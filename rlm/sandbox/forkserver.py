@@ -35,9 +35,10 @@ if TYPE_CHECKING:
 __all__ = ["ForkedProcess", "spawn", "serve"]
 
 _MESSAGE = 64 * 1024  # bytes: a request (directory and environment) or a reply
-# Imported once in the server, so that no worker imports them again.
+# Imported once in the server, so that no worker imports them again (and, on a spawn that
+# asks for them, the modules its confinement needs: see spawn()).
 _PRELOAD = ("rlm.sandbox.worker", "rlm.sandbox.confine", "rlm.sandbox.protocol", "rlm.sandbox.textfile",
-            "shutil", "select", "socket", "landlock", "pyseccomp")
+            "shutil", "select", "socket")
 
 
 # -- the host side ----------------------------------------------------------------------------
@@ -130,10 +131,14 @@ def _stop_server() -> None:
 _server: _Server | None = None
 
 
-def spawn(paths: str, cwd: str, env: dict[str, str], stderr: int, files: int) -> ForkedProcess:
+def spawn(
+    paths: str, cwd: str, env: dict[str, str], stderr: int, files: int, preload: tuple[str, ...] = ()
+) -> ForkedProcess:
     """Fork a worker with its own directory, environment, stderr and file channel.
 
-    `paths` is the worker's `sys.path` prefix (as for a worker started with `python -S`).
+    `paths` is the worker's `sys.path` prefix (as for a worker started with `python -S`);
+    `preload` names modules the server imports first, once (Landlock and seccomp bindings
+    take ~70 ms to import: only the strict level asks for them).
     Raises OSError when the fork server cannot be started or cannot fork.
     """
     global _server
@@ -146,7 +151,7 @@ def spawn(paths: str, cwd: str, env: dict[str, str], stderr: int, files: int) ->
     stdin_read, stdin_write = os.pipe()
     stdout_read, stdout_write = os.pipe()
     try:
-        request = {"op": "spawn", "cwd": cwd, "env": env, "host": os.getpid()}
+        request = {"op": "spawn", "cwd": cwd, "env": env, "host": os.getpid(), "preload": list(preload)}
         reply = server.ask(request, [stdin_read, stdout_write, stderr, files])
     except BaseException:
         for fd in (stdin_write, stdout_read):
@@ -171,13 +176,7 @@ atexit.register(_stop_server)
 
 def serve(control: int) -> None:
     """Run the fork server on `control` until the host closes it (never returns in a child)."""
-    import importlib
-
-    for name in _PRELOAD:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass  # an optional extra (landlock, pyseccomp) that is not installed
+    _import(_PRELOAD)
     channel = socket.socket(fileno=control)
     finished: dict[int, int] = {}
     while True:
@@ -190,10 +189,21 @@ def serve(control: int) -> None:
         _reap_finished(finished)
         request = json.loads(data)
         if request["op"] == "spawn":
+            _import(request["preload"])
             reply = _fork(channel, fds, request)
         else:
             reply = {"status": _status(request["pid"], finished)}
         channel.send(json.dumps(reply).encode())
+
+
+def _import(names: "list[str] | tuple[str, ...]") -> None:
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # the worker will say what is missing when it needs it
 
 
 def _fork(channel: socket.socket, fds: list[int], request: dict) -> dict:

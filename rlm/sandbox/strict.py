@@ -69,6 +69,7 @@ class StrictSandbox(SubprocessSandbox):
 
     name = "strict"
     isolated = True
+    _preload = ("landlock", "pyseccomp")
 
     @classmethod
     def check_platform(cls) -> None:

@@ -162,6 +162,7 @@ class Launch:
     pass_fds: tuple[int, ...] = ()
     signal_in_exit_code: bool = False  # a wrapper that reports a worker killed by N as 128 + N
     forked: bool = False  # `argv` is `python_argv()`: fork the worker from the fork server instead
+    preload: tuple[str, ...] = ()  # modules the fork server imports before forking this worker
 
 
 class _Worker:
@@ -196,7 +197,8 @@ class _Worker:
 
     def _forked(self, worker_end: socket.socket) -> forkserver.ForkedProcess:
         paths = self.launch.argv[-1]  # python_argv()'s sys.path prefix
-        return forkserver.spawn(paths, self.launch.cwd, self.launch.env, self.stderr.fileno(), worker_end.fileno())
+        launch = self.launch
+        return forkserver.spawn(paths, launch.cwd, launch.env, self.stderr.fileno(), worker_end.fileno(), launch.preload)
 
     def _handshake(self, setup: Callable[[int], dict], deadline: float) -> None:
         ready = None
@@ -329,6 +331,7 @@ class SubprocessSandbox(Sandbox):
 
     name = "subprocess"
     isolated = False
+    _preload: tuple[str, ...] = ()  # what the worker's confinement imports (see forkserver.spawn)
 
     def __init__(self, bridge: LLMBridge, limits: SandboxLimits | None = None) -> None:
         self._bridge = bridge
@@ -348,7 +351,7 @@ class SubprocessSandbox(Sandbox):
     def _launch(self) -> Launch:
         scratch = str(self._held.scratch)
         argv = python_argv()  # cwd is the scratch dir
-        return Launch(argv=argv, cwd=scratch, env=scrubbed_env(scratch), forked=True)
+        return Launch(argv=argv, cwd=scratch, env=scrubbed_env(scratch), forked=True, preload=self._preload)
 
     def _confinement(self, worker_pid: int) -> dict[str, Any]:
         """Landlock and seccomp settings for the worker's setup frame (none here)."""
