@@ -42,9 +42,16 @@ class TreePool(concurrent.futures.Executor):
         self._closed = False
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        future = self.submit_unless_shut(fn, *args, **kwargs)
+        if future is None:
+            raise RuntimeError("this call tree has ended")
+        return future
+
+    def submit_unless_shut(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future | None:
+        """`submit`, or None once `shutdown` was called (the caller then does the work itself)."""
         with self._lock:
             if self._closed:
-                raise RuntimeError("this call tree has ended")
+                return None
             future = _pool().submit(fn, *args, **kwargs)
             self._pending.add(future)
         future.add_done_callback(self._done)

@@ -83,7 +83,7 @@ class Tree:
         self.executor = TreePool()  # blocking work: cells, REPL starts and closes
         self.window: int | None = settings.context_window
         self.last_root_reply: str | None = None
-        self._releasing: list[tuple[concurrent.futures.Future, REPLEnv]] = []
+        self._releasing: list[tuple[concurrent.futures.Future, concurrent.futures.Future]] = []  # closing, opening
 
     async def blocking(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run blocking work (a cell, a worker start) in the tree's thread pool."""
@@ -125,18 +125,29 @@ class Tree:
 
     def release(self, opening: "concurrent.futures.Future[tuple[REPLEnv, dict]]") -> None:
         """Close a finished run's REPL (once it is open) in the background: a child's answer
-        need not wait for its worker to die. `close()` waits for every one."""
-        self._releasing.append((self.executor.submit(_close_opened, opening), opening))
+        need not wait for its worker to die. `close()` waits for every one. A child unwinding
+        after its tree has ended (cancelled with it) closes its REPL here and now."""
+        closing = self.executor.submit_unless_shut(_close_opened, opening)
+        if closing is None:
+            _close_opened(opening)
+        else:
+            self._releasing.append((closing, opening))
 
-    async def close(self) -> None:
+    async def close(self) -> BaseException | None:
+        """Wait for every REPL to close, then end the tree's share of the pool. Returns the
+        first failure to close one (after trying them all), for the caller to raise unless it
+        is already raising the run's own error."""
+        outcomes: list = []
         try:
-            for closing, _ in self._releasing:
-                await asyncio.wrap_future(closing)
+            outcomes = await asyncio.gather(
+                *(asyncio.wrap_future(closing) for closing, _ in self._releasing), return_exceptions=True
+            )
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
             for closing, opening in self._releasing:
                 if closing.cancelled():  # interrupted before the pool got to it
                     _close_opened(opening)
+        return next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
 
 
 def _close_opened(opening: "concurrent.futures.Future[tuple[REPLEnv, dict]]") -> None:

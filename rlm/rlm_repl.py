@@ -171,9 +171,11 @@ class RLM_REPL(RLM):
                 run_id=run_id, status=status, answer=answer, turns=run.turn,
                 duration=time.monotonic() - tree.started, usage=self.ledger.summary(since=tree.first_record),
             ))
-            await tree.close()
+            close_failure = await tree.close()
             for used in {id(self.client): self.client, id(self.sub_client): self.sub_client}.values():
                 await used.aclose()  # async connections belong to this event loop: release them here
+            if close_failure is not None and status in ("answered", "max_iterations"):
+                raise close_failure  # a REPL that could not be closed; never in place of the run's own error
 
     def cost_summary(self) -> dict[str, Any]:
         """Usage and cost since creation or `reset()`, for the whole call tree.

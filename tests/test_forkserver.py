@@ -3,13 +3,16 @@ restart; and the REPL starting while the model writes its first reply."""
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from helpers import make, ok, repl
+from rlm.errors import BudgetExceeded
 from rlm.rlm_repl import RLM_REPL
 from rlm.sandbox import create_sandbox, forkserver
 from rlm.testing import ScriptedModel
@@ -132,3 +135,84 @@ def _workers() -> set[int]:
         return set()
     with open(f"/proc/{server._process.pid}/task/{server._process.pid}/children", encoding="ascii") as children:
         return {pid for pid in map(int, children.read().split()) if _alive(pid)}
+
+
+# -- regressions found in review: closing while a cell runs, waits from two threads, a broken
+# -- exchange with the server, and the server's environment ------------------------------------
+
+
+def _scratch_dirs() -> set[str]:
+    from rlm.sandbox.subprocess import disk_tempdir
+
+    return set(glob.glob(os.path.join(disk_tempdir(), "rlm-session-*")))
+
+
+def _until_no_new_workers(before: set[int]) -> set[int]:
+    deadline = time.monotonic() + 5
+    while _workers() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _workers() - before
+
+
+def test_a_budget_stop_while_cells_run_is_budget_exceeded_and_leaves_nothing_behind():
+    workers, scratch = _workers(), _scratch_dirs()
+    for _ in range(4):
+        rlm, _, _ = make([repl("import time; time.sleep(3)"), "FINAL(x)"], sandbox="subprocess", max_time=0.3)
+        with pytest.raises(BudgetExceeded):
+            rlm.completion(context="c", query="q")
+    assert not _until_no_new_workers(workers)
+    assert _scratch_dirs() <= scratch
+
+
+def test_a_child_still_running_when_its_tree_ends_closes_its_worker():
+    workers, scratch = _workers(), _scratch_dirs()
+    root = ScriptedModel([repl("print(rlm_query('child question'))"), "FINAL(done)"], model="root")
+    child = ScriptedModel(lambda messages: repl("import time; time.sleep(6)"), model="sub")
+    rlm = RLM_REPL(client=root, sub_client=child, sandbox="subprocess", max_depth=2, max_time=1.0, exec_timeout=30)
+    with pytest.raises(BudgetExceeded):
+        rlm.completion(context="c", query="q")
+    assert not _until_no_new_workers(workers)
+    assert _scratch_dirs() <= scratch
+
+
+def test_two_threads_waiting_for_one_worker_both_get_its_exit_status(bridge):
+    box = create_sandbox("subprocess", bridge)
+    try:
+        process = box._held.worker.process
+        box._held.worker.send({"op": "exec", "code": "import os; os._exit(3)", "max_output": 100})
+        with ThreadPoolExecutor(2) as pool:
+            codes = list(pool.map(lambda _: process.wait(5), range(2)))
+        assert codes == [3, 3] and process.returncode == 3
+    finally:
+        box.close()
+
+
+def test_an_exchange_cut_short_abandons_the_server_and_the_next_start_gets_a_new_one(bridge, monkeypatch):
+    first = create_sandbox("subprocess", bridge)
+    server = _server_pid(first)
+    first.close()
+    real = forkserver.socket.recv_fds
+
+    def interrupted(*args, **kwargs):
+        monkeypatch.setattr(forkserver.socket, "recv_fds", real)
+        raise KeyboardInterrupt  # Ctrl-C between the request and its reply
+
+    monkeypatch.setattr(forkserver.socket, "recv_fds", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        create_sandbox("subprocess", bridge)
+    again = create_sandbox("subprocess", bridge)
+    try:
+        assert _server_pid(again) != server
+        assert ok(again, "print(6 * 7)").strip() == "42"
+    finally:
+        again.close()
+
+
+def test_the_server_starts_with_the_library_path_its_workers_need(bridge, monkeypatch, tmp_path):
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(tmp_path))
+    box = create_sandbox("subprocess", bridge)
+    try:
+        with open(f"/proc/{_server_pid(box)}/environ", "rb") as environ:
+            assert f"LD_LIBRARY_PATH={tmp_path}".encode() in environ.read().split(b"\0")
+    finally:
+        box.close()

@@ -24,6 +24,7 @@ import atexit
 import json
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["ForkedProcess", "spawn", "serve"]
 
 _MESSAGE = 64 * 1024  # bytes: a request (directory and environment) or a reply
+_ANSWER_TIMEOUT = 30.0  # seconds the server may take to fork (or reap) before it is abandoned
 # Imported once in the server, so that no worker imports them again (and, on a spawn that
 # asks for them, the modules its confinement needs: see spawn()).
 _PRELOAD = ("rlm.sandbox.worker", "rlm.sandbox.confine", "rlm.sandbox.protocol", "rlm.sandbox.textfile",
@@ -45,16 +47,21 @@ _PRELOAD = ("rlm.sandbox.worker", "rlm.sandbox.confine", "rlm.sandbox.protocol",
 
 
 class ForkedProcess:
-    """A worker forked by the server: the parts of `subprocess.Popen` the sandbox uses."""
+    """A worker forked by the server: the parts of `subprocess.Popen` the sandbox uses.
 
-    def __init__(self, server: "_Server", pid: int, stdin: "IO[bytes]", stdout: "IO[bytes]") -> None:
+    `pidfd` (sent by the server, which opened it right after the fork) always refers to this
+    worker, however long ago it ended: the pid is never trusted alone.
+    """
+
+    def __init__(self, server: "_Server", pid: int, pidfd: int, stdin: "IO[bytes]", stdout: "IO[bytes]") -> None:
         self._server = server
         self.pid = pid
         self.args = [f"forked worker {pid}"]
         self.stdin = stdin
         self.stdout = stdout
         self.returncode: int | None = None
-        self._pidfd: int | None = os.pidfd_open(pid)
+        self._pidfd: int | None = pidfd
+        self._lock = threading.Lock()  # the session's cell thread and its closer may both wait
 
     def poll(self) -> int | None:
         import subprocess
@@ -68,26 +75,30 @@ class ForkedProcess:
         """The exit status (negative: the signal that killed it); TimeoutExpired if still running."""
         import subprocess
 
-        if self.returncode is not None:
+        with self._lock:
+            if self.returncode is not None:
+                return self.returncode
+            if self._pidfd is not None:
+                ended = select.poll()
+                ended.register(self._pidfd, select.POLLIN)  # readable once the process has ended
+                if not ended.poll(None if timeout is None else max(0, int(timeout * 1000))):
+                    raise subprocess.TimeoutExpired(self.args, timeout or 0)
+                os.close(self._pidfd)
+                self._pidfd = None
+            self.returncode = self._server.reap(self.pid)
             return self.returncode
-        if self._pidfd is not None and not select.select([self._pidfd], [], [], timeout)[0]:
-            raise subprocess.TimeoutExpired(self.args, timeout or 0)
-        self.returncode = self._server.reap(self.pid)
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
-        return self.returncode
 
 
 class _Server:
     """The host's end of one running fork server."""
 
-    def __init__(self, paths: str, env: dict[str, str]) -> None:
+    def __init__(self, key: tuple, paths: str, env: dict[str, str]) -> None:
         import subprocess
 
-        self.paths = paths
+        self.key = key
         self._socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        boot = "import os, sys; sys.path[:0] = sys.argv[1].split(os.pathsep); " \
+        self._socket.settimeout(_ANSWER_TIMEOUT)
+        boot = "import json, sys; path = json.loads(sys.argv[1]); sys.path[:0] = path[:1]; sys.path += path[1:]; " \
                "from rlm.sandbox.forkserver import serve; serve(int(sys.argv[2]))"
         try:
             self._process = subprocess.Popen(
@@ -98,34 +109,65 @@ class _Server:
         finally:
             theirs.close()
         self._lock = threading.Lock()
+        self._broken = False
         self.owner = os.getpid()
 
-    def ask(self, request: dict, fds: "list[int] | None" = None) -> dict:
+    def ask(self, request: dict, fds: "list[int] | None" = None) -> tuple[dict, list[int]]:
+        """Send a request; its reply and the descriptors that came with it."""
         with self._lock:
-            socket.send_fds(self._socket, [json.dumps(request).encode()], fds or [])
-            reply = self._socket.recv(_MESSAGE)
+            if self._broken:
+                raise OSError("the REPL fork server was abandoned")
+            try:
+                socket.send_fds(self._socket, [json.dumps(request).encode()], fds or [])
+                reply, got, _, _ = socket.recv_fds(self._socket, _MESSAGE, 1)
+            except BaseException:
+                # Interrupted between a request and its reply (Ctrl-C, a timeout): a late reply
+                # would answer the next request. Abandon this server; the next spawn starts one.
+                self._broken = True
+                self._socket.close()
+                raise
         if not reply:
+            self._broken = True
             raise OSError("the REPL fork server has stopped")
-        return json.loads(reply)
+        return json.loads(reply), got
 
     def reap(self, pid: int) -> int:
         try:
-            return int(self.ask({"op": "reap", "pid": pid})["status"])
+            return int(self.ask({"op": "reap", "pid": pid})[0]["status"])
         except OSError:
-            return -9  # the server died, and init reaped its children: most likely they were killed
+            # The server is gone and init reaped its children: their status is lost. Most
+            # likely they were killed with it.
+            return -signal.SIGKILL
 
     def alive(self) -> bool:
-        return self._process.poll() is None and self.owner == os.getpid()
+        return not self._broken and self._process.poll() is None and self.owner == os.getpid()
 
     def close(self) -> None:
         """Stop the server (it exits when its socket closes); its workers live on."""
+        self._broken = True
         self._socket.close()
-        self._process.wait()
+        import subprocess
+
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # stuck (or stopped): do not hang the host's exit
+            self._process.kill()
+            self._process.wait()
 
 
 def _stop_server() -> None:
     if _server is not None and _server.owner == os.getpid():
         _server.close()
+
+
+def _forget_server_after_fork() -> None:
+    """In a forked host: the parent's server, socket and locks are not ours (a lock held by
+    another thread at the fork would stay held here forever)."""
+    global _server, _start_lock
+    if _server is not None:
+        _server._socket.close()  # our copy only: the parent's server must see its host leave
+    _server = None
+    _start_lock = threading.Lock()
 
 
 _server: _Server | None = None
@@ -136,23 +178,31 @@ def spawn(
 ) -> ForkedProcess:
     """Fork a worker with its own directory, environment, stderr and file channel.
 
-    `paths` is the worker's `sys.path` prefix (as for a worker started with `python -S`);
-    `preload` names modules the server imports first, once (Landlock and seccomp bindings
-    take ~70 ms to import: only the strict level asks for them).
-    Raises OSError when the fork server cannot be started or cannot fork.
+    `paths` is the worker's `sys.path` as `python_argv()` gives it (JSON: our package first,
+    then site-packages after the standard library); `preload` names modules the server
+    imports first, once (Landlock and seccomp bindings take ~70 ms to import: only the strict
+    level asks for them). Raises OSError when the fork server cannot be started or cannot fork.
     """
     global _server
+    # The loader reads LD_LIBRARY_PATH only when a program starts: the server needs the worker's.
+    server_env = {"PATH": env.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
+    server_env.update({name: env[name] for name in ("LD_LIBRARY_PATH",) if name in env})
+    key = (paths, tuple(sorted(server_env.items())))
     with _start_lock:
-        if _server is None or not _server.alive() or _server.paths != paths:
+        if _server is None or not _server.alive() or _server.key != key:
             if _server is not None and _server.owner == os.getpid():
                 _server.close()
-            _server = _Server(paths, {"PATH": env.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"})
+            _server = _Server(key, paths, server_env)
         server = _server
     stdin_read, stdin_write = os.pipe()
     stdout_read, stdout_write = os.pipe()
     try:
         request = {"op": "spawn", "cwd": cwd, "env": env, "host": os.getpid(), "preload": list(preload)}
-        reply = server.ask(request, [stdin_read, stdout_write, stderr, files])
+        reply, pidfds = server.ask(request, [stdin_read, stdout_write, stderr, files])
+        if "error" in reply or len(pidfds) != 1:
+            for fd in pidfds:
+                os.close(fd)
+            raise OSError(reply.get("error") or "the REPL fork server did not say which process it made")
     except BaseException:
         for fd in (stdin_write, stdout_read):
             os.close(fd)
@@ -160,15 +210,13 @@ def spawn(
     finally:
         os.close(stdin_read)
         os.close(stdout_write)
-    if "error" in reply:
-        os.close(stdin_write)
-        os.close(stdout_read)
-        raise OSError(reply["error"])
-    return ForkedProcess(server, int(reply["pid"]), open(stdin_write, "wb", buffering=0), open(stdout_read, "rb", buffering=0))
+    stdin, stdout = open(stdin_write, "wb", buffering=0), open(stdout_read, "rb", buffering=0)
+    return ForkedProcess(server, int(reply["pid"]), pidfds[0], stdin, stdout)
 
 
 _start_lock = threading.Lock()
 atexit.register(_stop_server)
+os.register_at_fork(after_in_child=_forget_server_after_fork)
 
 
 # -- the server side ----------------------------------------------------------------------------
@@ -188,12 +236,15 @@ def serve(control: int) -> None:
             os._exit(0)  # the host is gone
         _reap_finished(finished)
         request = json.loads(data)
+        sent: list[int] = []
         if request["op"] == "spawn":
             _import(request["preload"])
-            reply = _fork(channel, fds, request)
+            reply, sent = _fork(channel, fds, request)
         else:
             reply = {"status": _status(request["pid"], finished)}
-        channel.send(json.dumps(reply).encode())
+        socket.send_fds(channel, [json.dumps(reply).encode()], sent)
+        for fd in sent:
+            os.close(fd)
 
 
 def _import(names: "list[str] | tuple[str, ...]") -> None:
@@ -206,7 +257,9 @@ def _import(names: "list[str] | tuple[str, ...]") -> None:
             pass  # the worker will say what is missing when it needs it
 
 
-def _fork(channel: socket.socket, fds: list[int], request: dict) -> dict:
+def _fork(channel: socket.socket, fds: list[int], request: dict) -> tuple[dict, list[int]]:
+    """Fork a worker: the reply, and the worker's pidfd to send with it (opened before any reaping)."""
+    sent: list[int] = []
     try:
         pid = os.fork()
     except OSError as exc:
@@ -215,9 +268,10 @@ def _fork(channel: socket.socket, fds: list[int], request: dict) -> dict:
         if pid == 0:
             _become_worker(channel, fds, request)
         reply = {"pid": pid}
+        sent = [os.pidfd_open(pid)]
     for fd in fds:
         os.close(fd)
-    return reply
+    return reply, sent
 
 
 def _become_worker(channel: socket.socket, fds: list[int], request: dict) -> None:
@@ -243,7 +297,7 @@ def _become_worker(channel: socket.socket, fds: list[int], request: dict) -> Non
         main()
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except BaseException:
         import traceback
 

@@ -33,6 +33,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ _WRITE_CHUNK = 16 << 20
 _INLINE_TEXT = 64 << 10  # characters: a str context up to this size goes in the frame itself
 
 # The worker imports our package from where the host found it, nothing from the environment.
-BOOT = "import os, sys; sys.path[:0] = sys.argv[1].split(os.pathsep); from rlm.sandbox.worker import main; main()"
+BOOT = ("import json, sys; path = json.loads(sys.argv[1]); sys.path[:0] = path[:1]; sys.path += path[1:]; "
+        "from rlm.sandbox.worker import main; main()")
 
 # Host variables the worker may need to start Python at all; nothing else is passed on.
 _PASSED_ON = ("LD_LIBRARY_PATH",)
@@ -90,8 +92,9 @@ def package_root() -> str:
 
 @lru_cache(maxsize=1)
 def _worker_path() -> str:
-    paths = [package_root(), *(p for p in site.getsitepackages() if os.path.isdir(p))]
-    return os.pathsep.join(dict.fromkeys(paths))
+    """Our package (first), then the site-packages (after the standard library), as JSON."""
+    site_dirs = [path for path in site.getsitepackages() if os.path.isdir(path) and path != package_root()]
+    return json.dumps([package_root(), *dict.fromkeys(site_dirs)])
 
 
 def python_argv() -> list[str]:
@@ -186,10 +189,12 @@ class _Worker:
                 pass_fds=(worker_end.fileno(), *launch.pass_fds),
                 start_new_session=True,
             )
-        except OSError as exc:
+        except BaseException as exc:
             self.files.close()
             self.stderr.close()
-            raise SandboxError(f"cannot start the REPL worker ({launch.argv[0]}): {exc}") from None
+            if isinstance(exc, OSError):
+                raise SandboxError(f"cannot start the REPL worker ({launch.argv[0]}): {exc}") from None
+            raise
         finally:
             worker_end.close()
         self.reader = FrameReader(self.process.stdout.fileno())
@@ -304,26 +309,47 @@ def _signal_note(signum: int) -> str:
 
 
 class _Held:
-    """What a session holds outside Python: released by close() or when the sandbox is collected."""
+    """What a session holds outside Python: released by close() or when the sandbox is collected.
+
+    close() may come from another thread while a cell's thread is replacing a dead worker:
+    the worker is swapped under a lock, and none is adopted once the session is closed.
+    """
 
     def __init__(self, scratch: Path | None) -> None:
         self.scratch = scratch
         self.worker: _Worker | None = None
         self.context_file: IO[bytes] | None = None
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def adopt(self, worker: _Worker) -> bool:
+        """Make `worker` the session's; False (and the worker stopped) if the session is closed."""
+        with self._lock:
+            if not self.closed:
+                self.worker = worker
+                return True
+        worker.kill()
+        worker.close_log()
+        return False
 
     def drop_worker(self) -> None:
-        if self.worker is not None:
-            self.worker.kill()
-            self.worker.close_log()
-            self.worker = None
+        with self._lock:
+            worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.kill()
+            worker.close_log()
 
     def release(self) -> None:
-        self.drop_worker()
-        if self.context_file is not None:
-            self.context_file.close()
-            self.context_file = None
-        if self.scratch is not None:
-            shutil.rmtree(self.scratch, ignore_errors=True)
+        with self._lock:
+            self.closed = True
+        try:
+            self.drop_worker()
+        finally:
+            if self.context_file is not None:
+                self.context_file.close()
+                self.context_file = None
+            if self.scratch is not None:
+                shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 class SubprocessSandbox(Sandbox):
@@ -340,8 +366,7 @@ class SubprocessSandbox(Sandbox):
         self._held = _Held(self._make_scratch())
         self._finalizer = weakref.finalize(self, self._held.release)
         self._context_message: dict | None = None
-        self._closed = False
-        self._held.worker = self._start()
+        self._held.adopt(self._start())
 
     # -- what the confined levels change ----------------------------------------------------
 
@@ -374,18 +399,22 @@ class SubprocessSandbox(Sandbox):
     def _discard_worker(self) -> None:
         self._held.drop_worker()
 
-    def _replace_worker(self) -> None:
+    def _replace_worker(self) -> bool:
+        """A new worker with the context loaded again; False if the session was closed meanwhile."""
         self._discard_worker()
-        self._held.worker = self._start()
+        if self._held.closed or not self._held.adopt(self._start()):
+            return False
         if self._context_message is not None:
             self._send_context()
+        return True
 
     def _require_worker(self) -> _Worker:
-        if self._closed:
+        worker = self._held.worker
+        if worker is None and not self._held.closed and self._replace_worker():
+            worker = self._held.worker
+        if worker is None:
             raise SandboxError("this REPL session is closed")
-        if self._held.worker is None:
-            self._replace_worker()
-        return self._held.worker
+        return worker
 
     # -- context ---------------------------------------------------------------------------
 
@@ -451,7 +480,8 @@ class SubprocessSandbox(Sandbox):
             return self._await_result(worker, timeout)
         except ProtocolError:
             note = worker.death_note()
-            self._replace_worker()
+            if not self._replace_worker():
+                note = "the session was closed"
             return ExecResult(
                 error=f"The REPL worker process died ({note}).", restarted=True, duration=time.monotonic() - started
             )
@@ -500,5 +530,4 @@ class SubprocessSandbox(Sandbox):
         return {key: value for key, value in reply.items() if key != "op"}
 
     def close(self) -> None:
-        self._closed = True
         self._finalizer()
