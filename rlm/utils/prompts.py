@@ -21,7 +21,11 @@ You answer a question about a context that is too large to read at once. The con
 this conversation: it is loaded into a persistent Python REPL that you drive by writing code. \
 The REPL gives you:"""
 
-_TOOL_CONTEXT = "`context`: the full input (its type and size are given below). Look at it through code."
+_TOOL_CONTEXT = (
+    "`context`: the full input (its type and size are given below). Look at it through code. When it "
+    "is text, `context_bytes` holds the same text as UTF-8 bytes: regular expressions over bytes "
+    "(`re.finditer(rb'...', context_bytes)`) search a very large text without copying it."
+)
 _TOOLS_SUB_CALLS = [
     "`llm_query(prompt: str) -> str`: asks a sub-model and returns its reply. The sub-model can read "
     "about {sub_chars} characters per call, far more than you should print here. Put the text it "
