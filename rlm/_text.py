@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BoundedText", "clean_text", "truncate_middle", "omission_marker"]
+__all__ = ["BoundedText", "clean_text", "is_utf8", "truncate_middle", "omission_marker"]
 
 
 def clean_text(text: str) -> str:
@@ -11,13 +11,18 @@ def clean_text(text: str) -> str:
     Model code can make such strings (chr(0xD800), surrogateescape decoding); the HTTP client
     and the trace writer would fail on them.
     """
+    return text if is_utf8(text) else text.encode("utf-8", "replace").decode("utf-8")
+
+
+def is_utf8(text: str) -> bool:
+    """True unless `text` holds a lone surrogate (which UTF-8 cannot encode)."""
     if text.isascii():
-        return text
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
-    return text
+        return False
+    return True
 
 
 def omission_marker(omitted: int, total: int) -> str:

@@ -97,3 +97,12 @@ def read_until_closed(fd: int, deadline: float) -> bytes:
     finally:
         os.close(fd)
     return b"".join(chunks)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie is gone, only not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False

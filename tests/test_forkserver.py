@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import make, ok, repl
+from helpers import make, ok, process_alive, repl
 from rlm.errors import BudgetExceeded
 from rlm.rlm_repl import RLM_REPL
 from rlm.sandbox import create_sandbox, forkserver
@@ -55,14 +55,6 @@ def test_sessions_outlive_a_killed_server_and_the_next_one_starts_a_new_server(b
             fresh.close()
     finally:
         box.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_exit_statuses_come_through_the_server(bridge):
@@ -134,7 +126,7 @@ def _workers() -> set[int]:
     if server is None:
         return set()
     with open(f"/proc/{server._process.pid}/task/{server._process.pid}/children", encoding="ascii") as children:
-        return {pid for pid in map(int, children.read().split()) if _alive(pid)}
+        return {pid for pid in map(int, children.read().split()) if process_alive(pid)}
 
 
 # -- regressions found in review: closing while a cell runs, waits from two threads, a broken

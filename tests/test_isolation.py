@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RecordingBridge, ok, run
+from helpers import RecordingBridge, ok, process_alive, run
 from rlm.errors import ConfigError, SandboxError, SandboxUnavailable
 from rlm.sandbox import SANDBOXES, ContextSource, SandboxLimits, check_available, create_sandbox, escapes, parse_size
 
@@ -277,9 +277,9 @@ def test_worker_and_scratch_go_when_the_host_is_killed(level):
         os.kill(host.pid, signal.SIGKILL)
         host.wait()
         deadline = time.monotonic() + 10  # the worker looks twice a second; a loaded machine is slower
-        while time.monotonic() < deadline and (_alive(int(worker_pid)) or _left_behind(scratch)):
+        while time.monotonic() < deadline and (process_alive(int(worker_pid)) or _left_behind(scratch)):
             time.sleep(0.05)
-        assert not _alive(int(worker_pid))
+        assert not process_alive(int(worker_pid))
         assert not _left_behind(scratch)
         if level == "subprocess":
             assert not Path(scratch[0]).exists()
@@ -295,14 +295,6 @@ def _left_behind(scratch: list[str]) -> bool:
     """Files left in the scratch directory. Under strict the worker may empty it but not remove
     it (Landlock lets it write only beneath it); under bwrap it is a tmpfs that vanishes."""
     return bool(scratch) and Path(scratch[0]).exists() and any(Path(scratch[0]).iterdir())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().split(") ")[1][0] != "Z"  # a zombie is gone, only not yet reaped
-    except FileNotFoundError:
-        return False
 
 
 def test_a_start_failure_is_a_sandbox_error_with_the_workers_output(bridge, monkeypatch):

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 import rlm
+from rlm._text import is_utf8
 from rlm.errors import SandboxError
 from rlm.sandbox.base import (
     ContextSource,
@@ -135,15 +136,6 @@ def _filesystem_type(path: str) -> str:
     return kind
 
 
-def _utf8(text: str) -> bool:
-    """True unless `text` has a lone surrogate (which frames cannot carry: see protocol.py)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _write_text(handle: IO[bytes], text: str) -> None:
     """Write `text` as UTF-8 in 16 MiB pieces; an ASCII string straight from its own buffer."""
     view = ascii_view(text)
@@ -201,9 +193,8 @@ class _Worker:
         self._handshake(setup, time.monotonic() + START_TIMEOUT)
 
     def _forked(self, worker_end: socket.socket) -> forkserver.ForkedProcess:
-        paths = self.launch.argv[-1]  # python_argv()'s sys.path prefix
         launch = self.launch
-        return forkserver.spawn(paths, launch.cwd, launch.env, self.stderr.fileno(), worker_end.fileno(), launch.preload)
+        return forkserver.spawn(_worker_path(), launch.cwd, launch.env, self.stderr.fileno(), worker_end.fileno(), launch.preload)
 
     def _handshake(self, setup: Callable[[int], dict], deadline: float) -> None:
         ready = None
@@ -431,8 +422,9 @@ class SubprocessSandbox(Sandbox):
             return {"op": "load_context", "format": source.fmt}, open(source.path, "rb")  # noqa: SIM115
         if source.value is None:
             return {"op": "load_context", "value": None}, None
-        if isinstance(source.value, str) and len(source.value) <= _INLINE_TEXT and _utf8(source.value):
-            return {"op": "load_context", "text": source.value}, None  # a child's query, say: no file
+        if isinstance(source.value, str) and len(source.value) <= _INLINE_TEXT and is_utf8(source.value):
+            # A child's query, say: no file. (Frames cannot carry lone surrogates: protocol.py.)
+            return {"op": "load_context", "text": source.value}, None
         handle = tempfile.TemporaryFile(prefix="rlm-context-", dir=disk_tempdir())
         if isinstance(source.value, str):
             _write_text(handle, source.value)

@@ -182,7 +182,7 @@ def _request_head(request: httpx2.Request, length: int) -> bytes:
             lines.append(name + b": " + value)
     if length or request.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
         lines.append(b"Content-Length: %d" % length)
-    if any(name.lower() == b"connection" and value.lower() == b"close" for name, value in request.headers.raw):
+    if _asks_to_close(request):
         lines.append(b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
@@ -248,10 +248,14 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return b", ".join(values) if values else None
 
 
+def _asks_to_close(request: httpx2.Request) -> bool:
+    return (request.headers.get("connection") or "").lower() == "close"
+
+
 def _keeps_alive(request: httpx2.Request, head: _Head) -> bool:
     """HTTP/1.1 connections stay open unless either side says close; HTTP/1.0 ones only on request."""
     tokens = (_header(head.headers, b"connection") or b"").lower()
-    if b"close" in tokens or (request.headers.get("connection") or "").lower() == "close":
+    if b"close" in tokens or _asks_to_close(request):
         return False
     return head.version != b"HTTP/1.0" or b"keep-alive" in tokens
 
