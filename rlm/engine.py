@@ -25,7 +25,7 @@ from rlm.errors import BudgetExceeded, ClientError
 from rlm.parsing import ParsedReply, parse_reply
 from rlm.repl import REPLEnv, SandboxFactory
 from rlm.sandbox import ContextSource, ExecResult, SandboxLimits, SubCallFailed
-from rlm.sandbox.worker import describe_context
+from rlm.sandbox.describe import describe_context
 from rlm.usage import CallRecord, Usage, UsageLedger, price_call
 from rlm.utils import prompts
 from rlm.utils.llm import Completion, LLMClient

@@ -29,14 +29,14 @@ if TYPE_CHECKING:
     from rlm.sandbox.base import LLMBridge
 
 from rlm._text import BoundedText
+from rlm.sandbox.describe import describe_context
 
-__all__ = ["FinalAnswer", "LLMQueryError", "Session", "SCAFFOLD_NAMES", "describe_context", "main"]
+__all__ = ["FinalAnswer", "LLMQueryError", "Session", "SCAFFOLD_NAMES", "main"]
 
 SCAFFOLD_NAMES = (
     "context", "context_bytes", "llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched",
     "FINAL", "FINAL_VAR", "SHOW_VARS",
 )
-_MAX_CHUNKS_LISTED = 100
 
 
 class FinalAnswer(BaseException):
@@ -52,30 +52,6 @@ class FinalAnswer(BaseException):
 
 class LLMQueryError(RuntimeError):
     """A sub-model call failed; raised inside model code so the model can react."""
-
-
-def describe_context(value: Any) -> dict:
-    """Type, total length in characters and chunk lengths of a context value."""
-    if isinstance(value, str):
-        lengths = [len(value)]
-    elif isinstance(value, dict):
-        lengths = [_length(v) for v in value.values()]
-    elif isinstance(value, (list, tuple)):
-        lengths = [_length(v) for v in value]
-    else:
-        lengths = [_length(value)]
-    return {
-        "type": type(value).__name__,
-        "total_length": sum(lengths),
-        "chunk_count": len(lengths),
-        "chunk_lengths": lengths[:_MAX_CHUNKS_LISTED],
-    }
-
-
-def _length(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    return len(json.dumps(value, ensure_ascii=False, default=str))
 
 
 def _short_repr(value: Any, limit: int) -> str:
@@ -159,6 +135,7 @@ class Session:
         self._context: Any = None
         self._context_bytes: Any = None  # the raw bytes of a text context (an mmap in a worker)
         self._cells = 0
+        self._guard: Any = None  # integrity.Guard, in a worker process, from the first cell on
         self.running_user_code = False
         self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
         self._scaffold = {
@@ -209,6 +186,7 @@ class Session:
 
     def execute(self, code: str, max_output: int) -> dict:
         """Run one cell; return its captured output, error text and final answer, if any."""
+        self._guard_scaffold()
         self._restore_scaffold()
         self._cells += 1
         filename = f"<cell {self._cells}>"
@@ -252,8 +230,11 @@ class Session:
             value = eval(tail, self.namespace) if tail is not None else None
         finally:
             self.running_user_code = False
+            self._guard_scaffold()  # before any of our code runs again
         if value is not None:
-            print(_short_repr(value, max_output))
+            shown = _short_repr(value, max_output)  # the value's __repr__ is model code too
+            self._guard_scaffold()
+            print(shown)
 
     def _capture(self, out: BoundedText, err: BoundedText) -> "_Capture":
         return _Capture(self._process_wide, _CellStream(out), _CellStream(err))
@@ -270,6 +251,23 @@ class Session:
             return {"found": True, "value": _as_answer(self.namespace[name])}
         except Exception as exc:  # model-defined __str__ may raise anything; the model is told
             return {"found": True, "value": None, "error": f"{type(exc).__name__}: {exc}"}
+
+    def _guard_scaffold(self) -> None:
+        """In a worker, undo what earlier cells patched in the scaffold (see integrity.py).
+
+        The snapshot is taken just before the first cell, when the worker is fully wired and
+        no model code has run yet. In the host process (in-process sandbox) there is nothing
+        to guard: model code there can do anything anyway.
+        """
+        if not self._process_wide:
+            return
+        if self._guard is not None:
+            self._guard.restore()
+            return
+        from rlm.sandbox.integrity import Guard
+
+        self._guard = Guard.capture(functions=[self._llm, *self._scaffold.values()])
+        self._guard.keep_attributes(self, ("_llm", "_scaffold", "_process_wide", "_guard"))
 
     def _restore_scaffold(self) -> None:
         self.namespace.update(self._scaffold)
