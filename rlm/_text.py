@@ -2,7 +2,37 @@
 
 from __future__ import annotations
 
-__all__ = ["BoundedText", "clean_text", "is_utf8", "truncate_middle", "omission_marker"]
+import re
+
+__all__ = ["BoundedText", "clean_text", "is_utf8", "terminal_safe", "truncate_middle", "omission_marker"]
+
+# What a terminal would act on rather than show. Whole escape sequences go first, payload
+# included (an OSC 52 clipboard write must not leave its base64 behind): CSI (ESC [ or the
+# C1 byte U+009B) up to its final byte; OSC, DCS, SOS, PM and APC (ESC ] P X ^ _, or their
+# C1 forms) up to BEL or ST; then any other two-character ESC sequence.
+_SEQUENCE = re.compile(
+    r"(?:\x1b\[|\x9b)[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x80-\x9f]*(?:\x07|\x1b\\|\x9c)"
+    r"|\x1b[\x20-\x2f]*[\x30-\x7e]"
+)
+# Then every control character left but newline and tab (C0, DEL, C1: a lone ESC, BEL,
+# backspace, an unterminated sequence's introducer), and the bidirectional embeddings,
+# overrides and isolates that make text display in another order than it reads.
+TERMINAL_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_LONE_CR = re.compile(r"\r\n?")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` as a terminal would show it literally: escape sequences and control characters
+    removed, except newline and tab; a carriage return becomes a newline (so that it cannot
+    write over the start of a line).
+
+    For text from outside (a model's answer, a server's error) printed to a terminal; machine
+    output such as JSON keeps the text as data (see `TERMINAL_UNSAFE`).
+    """
+    if not TERMINAL_UNSAFE.search(text):
+        return text
+    return TERMINAL_UNSAFE.sub("", _LONE_CR.sub("\n", _SEQUENCE.sub("", text)))
 
 
 def clean_text(text: str) -> str:

@@ -21,10 +21,11 @@ from typing import Any, Awaitable, Callable
 from rlm._pool import TreePool
 from rlm._text import clean_text, truncate_middle
 from rlm.conversation import Conversation
-from rlm.errors import BudgetExceeded, ClientError
+from rlm.errors import BudgetExceeded, ClientError, ContextError, MalformedResponse
 from rlm.parsing import ParsedReply, parse_reply
 from rlm.repl import REPLEnv, SandboxFactory
 from rlm.sandbox import ContextSource, ExecResult, SandboxLimits, SubCallFailed
+from rlm.sandbox.base import ChildQuery
 from rlm.sandbox.describe import describe_context
 from rlm.usage import CallRecord, Usage, UsageLedger, price_call
 from rlm.utils import prompts
@@ -66,6 +67,7 @@ class Settings:
     cache: bool
     limits: Limits
     sandbox_limits: SandboxLimits = SandboxLimits()  # memory, CPU time, file size of each worker
+    sandbox_asked: str | None = None  # the name the caller gave ("auto") when `sandbox` is what it resolved to
 
 
 class Tree:
@@ -259,9 +261,17 @@ class Run:
     async def _ask(self, conversation: Conversation) -> Completion:
         shortened = conversation.fit(await self._window(), self.settings.reply_tokens)
         new_messages, unchanged = conversation.unsent(), conversation.unchanged_prefix()
-        completion = await self.tree.model_call(
-            self.client, conversation.messages, self.settings.reply_tokens, sub_call=self.depth > 0
-        )
+        try:
+            completion = await self.tree.model_call(
+                self.client, conversation.messages, self.settings.reply_tokens, sub_call=self.depth > 0
+            )
+        except ClientError as exc:
+            # A child run's failed turn fails its rlm_query only; the top run's ends the run (the
+            # caller records the error and keeps the trajectory so far).
+            failure = _call_failure(exc) if self.depth > 0 else None
+            if failure is None:
+                raise
+            raise SubCallFailed(f"rlm_query: the child run's model call failed: {failure}") from None
         conversation.add_reply(completion.text)
         if self.depth == 0:
             self.tree.last_root_reply = completion.text
@@ -413,26 +423,32 @@ class Run:
             completion = await self.tree.model_call(client, [{"role": "user", "content": prompt}], sub_call=True)
         except ClientError as exc:
             self._trace_sub(kind, prompt, "", None, time.perf_counter() - started, index, str(exc), note, size=size)
-            if exc.is_request_error:
-                raise SubCallFailed(f"the sub-model rejected the request: {exc}") from None
-            raise
+            failure = _call_failure(exc)
+            if failure is None:
+                raise
+            raise failure from None
         cost = self.tree.record("sub", self.depth + 1, client.model, client.base_url, completion.usage)
+        missing = _missing_text(completion)
         self._trace_sub(
-            kind, prompt, completion.text, completion, completion.latency, index, None, note, cost=cost, size=size
+            kind, prompt, completion.text, completion, completion.latency, index, missing, note, cost=cost, size=size
         )
+        if missing is not None:
+            raise SubCallFailed(missing)
         return completion.text
 
-    async def _child(self, item: dict, index: int) -> str:
-        query, context = item.get("query"), item.get("context")
+    async def _child(self, item: ChildQuery, index: int) -> str:
+        query, context = item.query, item.context
         if not self.can_recurse:
-            prompt = query if context is None else f"{query}\n\n{_as_text(context)}"
+            prompt = query if context is None else f"{query}\n\n{_context_text(context)}"
             return await self._sub_call(prompt, index, "rlm_query", note="max_depth reached: answered as llm_query")
         origin = {"parent_turn": self.turn, "parent_cell": self.cell, "batch_index": index}
         child = Run(
             self.tree, depth=self.depth + 1, parent_id=self.run_id, client=self.tree.settings.sub_client, origin=origin
         )
-        source = ContextSource(value=query if context is None else context)
-        answer = await child.answer(query, source)
+        try:
+            answer = await child.answer(query, context if context is not None else ContextSource(value=query))
+        except ContextError as exc:  # model code's own data (bad JSON, say): its call fails, not the run
+            raise SubCallFailed(f"rlm_query: the child could not load this context: {exc}") from None
         if answer is None:
             raise SubCallFailed(
                 f"rlm_query: the child run gave no final answer within {self.settings.max_iterations} turns"
@@ -458,12 +474,13 @@ def recorded_settings(settings: Settings) -> dict[str, Any]:
     """The settings a replay needs to run the same loop again (traced in the top run's run_start).
 
     Clients are left out (a replay serves the recorded replies); a sandbox factory or a custom
-    prompt is recorded by name ("custom") or text.
+    prompt is recorded by name ("custom") or text. The sandbox is recorded as asked ("auto"),
+    so a replay chooses again on its machine; run_start's own `sandbox` says the level that ran.
     """
     return {
         "prompt": settings.prompt, "max_iterations": settings.max_iterations,
         "max_output_length": settings.max_output_length, "exec_timeout": settings.exec_timeout,
-        "sandbox": settings.sandbox if isinstance(settings.sandbox, str) else "custom",
+        "sandbox": settings.sandbox_asked or (settings.sandbox if isinstance(settings.sandbox, str) else "custom"),
         "sub_call_chars": settings.sub_call_chars, "context_window": settings.context_window,
         "reply_tokens": settings.reply_tokens, "max_depth": settings.max_depth,
         "max_concurrency": settings.max_concurrency, "cache": settings.cache,
@@ -506,12 +523,36 @@ async def _gather_batch(coroutines: list[Awaitable[str]]) -> list[str]:
     return [task.result() for task in tasks]
 
 
-def _as_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    import json
+def _call_failure(exc: ClientError) -> SubCallFailed | None:
+    """The failure of one call that model code should see, or None when the endpoint itself is
+    not usable (unreachable, refusing the key, failing after retries): that ends the tree.
 
-    return json.dumps(value, ensure_ascii=False)
+    A request the server rejected and an answer that cannot be used (malformed, past a cap)
+    concern that call alone.
+    """
+    if exc.is_request_error:
+        return SubCallFailed(f"the sub-model rejected the request: {exc}")
+    if isinstance(exc, MalformedResponse):
+        return SubCallFailed(f"the sub-model's answer could not be used: {exc}")
+    return None
+
+
+def _missing_text(completion: Completion) -> str | None:
+    """Why a sub-call's answer has no text, or None when it has some: an empty answer is not
+    passed off as one."""
+    if not completion.content_missing:
+        return None
+    return f"the sub-model sent no text (finish_reason={completion.finish_reason or 'none'}); try again or rephrase"
+
+
+def _context_text(source: ContextSource) -> str:
+    """An rlm_query context as prompt text, when the call is answered as llm_query (max_depth)."""
+    if source.handle is not None:
+        raise SubCallFailed(
+            "rlm_query: at max_depth the call is answered as llm_query, whose prompt cannot carry a "
+            "context this large; pass a smaller context, or split it and call llm_query on the pieces"
+        )
+    return source.json_text if source.json_text is not None else source.value
 
 
 @dataclasses.dataclass

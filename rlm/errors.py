@@ -6,9 +6,13 @@
      +-- ClientError            the model endpoint failed (has .url, .status, .body)
      |    +-- EndpointUnreachable    nothing answered at the URL
      |    +-- MalformedResponse      the server answered something that is not a completion
+     |         +-- ResponseLimitExceeded  the answer broke a cap of the client (size, ratio, time)
      +-- SandboxError           the REPL worker could not be started or talked to
      |    +-- SandboxUnavailable     this machine cannot provide the isolation level asked for
      +-- BudgetExceeded         a cost / token / call / time limit of the run was reached
+
+    UserWarning
+     +-- IsolationWarning       sandbox="auto" found no isolation on this machine (see the message)
 
 Errors in model-written code are not exceptions of ours: they are shown to the model.
 """
@@ -22,9 +26,11 @@ __all__ = [
     "ClientError",
     "EndpointUnreachable",
     "MalformedResponse",
+    "ResponseLimitExceeded",
     "SandboxError",
     "SandboxUnavailable",
     "BudgetExceeded",
+    "IsolationWarning",
 ]
 
 
@@ -71,6 +77,19 @@ class MalformedResponse(ClientError):
     """The endpoint answered, but not with a chat completion we can read."""
 
 
+class ResponseLimitExceeded(MalformedResponse):
+    """The endpoint's answer broke one of the client's caps and was refused unread.
+
+    `limit` names the cap: a field of `ResponseLimits` ("max_body_bytes",
+    "max_compression_ratio", "max_header_bytes"), "timeout" (the answer did not finish within
+    the request timeout) or "encoding" (a body that cannot be decoded).
+    """
+
+    def __init__(self, message: str, *, url: str, limit: str) -> None:
+        super().__init__(message, url=url)
+        self.limit = limit
+
+
 class SandboxError(RLMError):
     """The REPL worker could not be started, or stopped talking the protocol."""
 
@@ -100,3 +119,9 @@ class BudgetExceeded(RLMError):
         self.spent = spent
         self.partial_answer: str | None = None
         self.usage: dict = {}
+
+
+class IsolationWarning(UserWarning):
+    """`sandbox="auto"` found no isolation level on this machine and runs model code in a plain
+    worker process, with the user's own rights. Issued once per process; the message says what
+    to install (bubblewrap, or Landlock and libseccomp) to get one."""

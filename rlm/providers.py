@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 from rlm.errors import ConfigError
+from rlm.utils.limits import ResponseLimits
 from rlm.utils.llm import LLMClient, OpenAICompatibleClient
 
 __all__ = ["Provider", "PROVIDERS", "resolve_client", "split_spec"]
@@ -64,26 +65,32 @@ def resolve_client(
     api_key: str | None = None,
     timeout: float = 600.0,
     max_retries: int = 3,
+    limits: ResponseLimits | None = None,
 ) -> LLMClient:
-    """The client for a model spec. `api_url` / `api_key` override a provider's preset."""
+    """The client for a model spec. `api_url` / `api_key` override a provider's preset; `limits`
+    caps what an answer may hold (`rlm.utils.limits.ResponseLimits`)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError("a model must be a name, 'auto', or 'provider:name' such as 'openai:gpt-4o-mini'")
     name, model = split_spec(spec.strip())
     if name is None:
-        return OpenAICompatibleClient(model, api_url=api_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        return OpenAICompatibleClient(
+            model, api_url=api_url, api_key=api_key, timeout=timeout, max_retries=max_retries, limits=limits
+        )
     provider = PROVIDERS[name]
     key = api_key or (os.environ.get(provider.key_env) if provider.key_env else None)
     if provider.key_required and not key:
         raise ConfigError(f"{spec!r} needs an API key: set {provider.key_env} (or pass api_key=)")
     url = api_url or provider.base_url
     if provider.client == "anthropic":
-        return _anthropic_client(model, url, key, timeout, max_retries)
+        return _anthropic_client(model, url, key, timeout, max_retries, limits)
     return OpenAICompatibleClient(
-        model, api_url=url, api_key=key or "not-needed", timeout=timeout, max_retries=max_retries
+        model, api_url=url, api_key=key or "not-needed", timeout=timeout, max_retries=max_retries, limits=limits
     )
 
 
-def _anthropic_client(model: str, url: str, key: str | None, timeout: float, max_retries: int) -> LLMClient:
+def _anthropic_client(
+    model: str, url: str, key: str | None, timeout: float, max_retries: int, limits: ResponseLimits | None
+) -> LLMClient:
     try:
         from rlm.utils.anthropic_client import AnthropicClient
     except ImportError as exc:
@@ -92,4 +99,4 @@ def _anthropic_client(model: str, url: str, key: str | None, timeout: float, max
         ) from None
     if model == "auto":
         raise ConfigError("name the Anthropic model, e.g. 'anthropic:claude-haiku-4-5'; 'auto' is not supported")
-    return AnthropicClient(model, api_url=url, api_key=key, timeout=timeout, max_retries=max_retries)
+    return AnthropicClient(model, api_url=url, api_key=key, timeout=timeout, max_retries=max_retries, limits=limits)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from rlm.errors import BudgetExceeded, ClientError, RLMError
@@ -178,7 +178,8 @@ class ReplaySession:
         if event.get("error"):
             status = 400 if event["_went_on"] else 503  # a rejected request the run survived, or a fatal one
             raise ClientError(str(event["error"]), url=REPLAY_URL, status=status)
-        return _completion(event)
+        # A sub-call that had no text was recorded as failed (above): an empty reply here was sent as "".
+        return replace(_completion(event), content_missing=False)
 
     def _diverge(self, divergence: Divergence) -> None:
         if self.divergence is None:

@@ -18,7 +18,7 @@ from rlm.errors import BudgetExceeded, ConfigError
 from rlm.providers import resolve_client
 from rlm.repl import SandboxFactory, context_source
 from rlm.rlm import RLM
-from rlm.sandbox import SandboxLimits, check_available
+from rlm.sandbox import AUTO, SandboxLimits, check_available, resolve_level
 from rlm.usage import UsageLedger
 from rlm.utils import prompts
 from rlm.utils.llm import LLMClient
@@ -47,8 +47,11 @@ class RLM_REPL(RLM):
             (for "provider:name" models, the provider's URL).
         api_key: default `RLM_API_KEY`, else `OPENAI_API_KEY` (or the provider's variable).
         client, sub_client: ready-made clients (`rlm.utils.llm.LLMClient`); override the above.
-        sandbox: "subprocess" (default), "inprocess" (no isolation), another registered
-            level, or a factory.
+        sandbox: "auto" (default): the strongest level this machine provides, "bwrap", else
+            "strict", else "subprocess" (then with an IsolationWarning, once per process);
+            or a level by name ("bwrap", "strict", "subprocess", "inprocess": no isolation),
+            which raises SandboxUnavailable if this machine cannot provide it; or a factory.
+            `sandbox_level` says which level runs.
         exec_timeout: seconds one cell may run (time waiting for sub-calls not counted).
         memory_limit: bytes of address space a REPL worker may use (default 4 GiB; None: no
             limit); past it model code gets MemoryError. It must hold the context twice (mapped
@@ -68,6 +71,10 @@ class RLM_REPL(RLM):
         max_reply_tokens: cap on each root reply's length (None: the server's default).
         log_dir: write each run's trajectory as JSONL here (default `RLM_LOG_DIR`; none if unset).
         on_event: called with every trace event as it happens (live progress).
+
+    Attributes:
+        sandbox_level: the level model code runs at ("bwrap", "strict", ...; "auto" resolved),
+            None for a factory. Each run's `run_start` event records it too.
     """
 
     def __init__(
@@ -81,7 +88,7 @@ class RLM_REPL(RLM):
         api_key: str | None = None,
         client: LLMClient | None = None,
         sub_client: LLMClient | None = None,
-        sandbox: str | SandboxFactory = "subprocess",
+        sandbox: str | SandboxFactory = AUTO,
         exec_timeout: float = 120.0,
         memory_limit: int | None = SandboxLimits.memory,
         cpu_time_limit: float | None = None,
@@ -105,8 +112,10 @@ class RLM_REPL(RLM):
         _check_arguments(locals())
         prompts.system_prompt(system_prompt)  # an unknown prompt name fails here, not mid-run
         self.sandbox_limits = SandboxLimits(memory=memory_limit, cpu_time=cpu_time_limit, file_size=file_size_limit)
-        if isinstance(sandbox, str):  # an unknown or unavailable level fails here, not mid-run
-            check_available(sandbox, self.sandbox_limits)
+        # "auto" is resolved here (once per process); an unknown or unavailable level fails here, not mid-run.
+        self.sandbox_level: str | None = resolve_level(sandbox) if isinstance(sandbox, str) else None
+        if self.sandbox_level is not None:
+            check_available(self.sandbox_level, self.sandbox_limits)
         options = {"api_url": api_url, "api_key": api_key, "timeout": request_timeout, "max_retries": max_retries}
         self.client: LLMClient = client or resolve_client(model, **options)
         self.sub_client: LLMClient = sub_client or resolve_client(recursive_model, **options)
@@ -116,7 +125,8 @@ class RLM_REPL(RLM):
         self.limits = Limits(max_cost=max_cost, max_tokens=max_tokens, max_sub_calls=max_sub_calls, max_time=max_time)
         self._settings = Settings(
             root_client=self.client, sub_client=self.sub_client, max_iterations=max_iterations,
-            max_output_length=max_output_length, exec_timeout=exec_timeout, sandbox=sandbox, prompt=system_prompt,
+            max_output_length=max_output_length, exec_timeout=exec_timeout, sandbox=self.sandbox_level or sandbox,
+            sandbox_asked=sandbox if sandbox == AUTO else None, prompt=system_prompt,
             sub_call_chars=sub_call_chars, context_window=context_window, reply_tokens=max_reply_tokens,
             max_depth=max_depth, max_concurrency=max_concurrency, cache=cache, limits=self.limits,
             sandbox_limits=self.sandbox_limits,
@@ -241,7 +251,8 @@ def _check_arguments(args: dict[str, Any]) -> None:
         raise ConfigError(f"max_depth must be 0 (no sub-calls), 1 (plain sub-calls) or more, got {depth!r}")
     sandbox = args["sandbox"]
     if not isinstance(sandbox, str) and not callable(sandbox):
-        raise ConfigError(f"sandbox must be a name such as 'subprocess' or a factory, got {sandbox!r}")
+        names = "'auto', 'bwrap', 'strict', 'subprocess', 'inprocess'"
+        raise ConfigError(f"sandbox must be a name ({names}) or a factory, got {sandbox!r}")
     for name in ("client", "sub_client"):
         given = args[name]
         if given is not None and not isinstance(given, LLMClient):

@@ -5,6 +5,10 @@
   protocol (`GET /v1/models`, `POST /v1/chat/completions`) and a minimal Anthropic Messages
   API (`POST /v1/messages`), with faults on demand: error statuses, Retry-After, delays,
   malformed bodies, `content: null`, missing usage.
+- `HostileServer`: a raw HTTP/1.1 server on 127.0.0.1 answering with one `Fault` (the
+  named cases are in `FAULTS`: compression bombs, huge or trickled bodies, header floods,
+  redirects elsewhere, HTML, unasked-for streams, usage figures that cannot be true), to
+  test a client, or code built on one, against servers that answer badly.
 - `replay_clients(path)`: clients that answer from a recorded trajectory (record once,
   replay in CI; see `rlm.replay`).
 
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
 
+from rlm._hostile import FAULTS, Fault, HostileServer, RecordedRequest, chat_body, redirect
 from rlm.errors import RLMError
 from rlm.usage import Usage
 from rlm.utils.llm import Completion, estimate_tokens
@@ -34,7 +39,10 @@ if TYPE_CHECKING:
 
     from rlm.replay import ReplaySession
 
-__all__ = ["FakeReply", "ScriptedModel", "FakeOpenAIServer", "is_root_request", "message_text", "replay_clients"]
+__all__ = [
+    "FakeReply", "ScriptedModel", "FakeOpenAIServer", "is_root_request", "message_text", "replay_clients",
+    "HostileServer", "Fault", "FAULTS", "RecordedRequest", "chat_body", "redirect",
+]
 
 
 @dataclass

@@ -2,6 +2,11 @@
 
 Every model call returns its own `Usage`; the ledger adds records up per role. Nothing here
 keeps "the last call" as state, so concurrent sub-calls are each counted exactly once.
+
+What a server reports is not trusted: `token_count` accepts only a whole number from 0 to
+`MAX_CALL_TOKENS`; the clients treat anything else as missing (estimated, and flagged). So
+no reported figure can lower a total or slip a call past a budget. A price that cannot be
+worked out makes the call's cost unknown (None, flagged in `cost_summary()`), never an error.
 """
 
 from __future__ import annotations
@@ -11,7 +16,16 @@ import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-__all__ = ["Usage", "CallRecord", "UsageLedger", "price_call", "is_local_endpoint"]
+__all__ = ["Usage", "CallRecord", "UsageLedger", "price_call", "is_local_endpoint", "token_count", "MAX_CALL_TOKENS"]
+
+MAX_CALL_TOKENS = 10**9  # more tokens than any model reads or writes in one call: a figure past it is not believed
+
+
+def token_count(value: object) -> int | None:
+    """`value` as a token count of one call, or None when it cannot be one (negative, absurd, not an int)."""
+    if type(value) is int and 0 <= value <= MAX_CALL_TOKENS:  # type(): True is an int, and no count
+        return value
+    return None
 
 
 @dataclass(frozen=True)
@@ -73,17 +87,20 @@ def price_call(model: str, base_url: str, usage: Usage) -> float | None:
         return 0.0
     from genai_prices import Usage as PriceUsage, calc_price
 
-    priced = PriceUsage(
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        cache_read_tokens=usage.cached_tokens or None,
-        cache_write_tokens=usage.cache_write_tokens or None,
-    )
     for hint in ({"provider_api_url": base_url}, {}):
         try:
-            return float(calc_price(priced, model, **hint).total_price)
+            priced = PriceUsage(
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cache_read_tokens=usage.cached_tokens or None,
+                cache_write_tokens=usage.cache_write_tokens or None,
+            )
+            price = float(calc_price(priced, model, **hint).total_price)
         except LookupError:
             continue
+        except Exception:  # the price table is data we do not control: its failure makes the cost unknown, flagged
+            return None
+        return price if 0.0 <= price < float("inf") else None
     return None
 
 

@@ -123,8 +123,9 @@ def test_sigterm_exits_130_and_leaves_no_scratch_directory(context_file: Path, t
     scratch_root = tmp_path / "tmp"
     scratch_root.mkdir()
     with FakeOpenAIServer(root=[FakeReply(content="FINAL(late)", delay=5)]) as server:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rlm", "ask", "q", "--context", str(context_file), "--api-url", server.url],
+        process = subprocess.Popen(  # a level whose scratch is on the host's disk (bwrap's is in memory)
+            [sys.executable, "-m", "rlm", "ask", "q", "--context", str(context_file), "--api-url", server.url,
+             "--sandbox", "subprocess"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**_child_env(), "TMPDIR": str(scratch_root)},
         )
@@ -228,7 +229,8 @@ def test_server_error_500_exits_3_naming_the_url(context_file: Path) -> None:
         result = invoke("ask", "q", "--context", str(context_file), "--api-url", url, "--max-retries", "0")
     assert result.exit_code == ExitCode.ENDPOINT
     assert result.stdout == ""
-    message = one_line(result.stderr)
+    status, message = result.stderr.strip().splitlines()  # the run started: it said where, then failed
+    assert status.startswith("rlm: sandbox: ") and status.endswith(" (auto)")
     assert url in message and "500" in message and "--max-retries" in message
 
 
@@ -272,9 +274,10 @@ def test_status_goes_to_stderr_and_quiet_silences_it(context_file: Path) -> None
         quiet = invoke("ask", "q", "--context", str(context_file), "--api-url", server.url, "--quiet")
     assert loud.stdout == quiet.stdout == "42\n"
     lines = loud.stderr.splitlines()
-    assert lines[0].startswith("rlm: turn 1/20, 0 sub-calls, ") and lines[0].endswith("$0.0000")
-    assert lines[1].startswith("rlm: turn 2/20, 1 sub-call, ")
-    assert lines[2].startswith("rlm: answered after 2 turn(s): 1 sub-call, ")
+    assert lines[0] in ("rlm: sandbox: bwrap (auto)", "rlm: sandbox: strict (auto)")
+    assert lines[1].startswith("rlm: turn 1/20, 0 sub-calls, ") and lines[1].endswith("$0.0000")
+    assert lines[2].startswith("rlm: turn 2/20, 1 sub-call, ")
+    assert lines[3].startswith("rlm: answered after 2 turn(s): 1 sub-call, ")
     assert quiet.stderr == ""
 
 

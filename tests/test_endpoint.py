@@ -12,7 +12,6 @@ import pytest
 
 from rlm.errors import ClientError, ConfigError, EndpointUnreachable, MalformedResponse
 from rlm.testing import FakeOpenAIServer, FakeReply
-from rlm.utils.http import proxied
 from scripted_http import ScriptedServer, response
 from rlm.utils.llm import OpenAICompatibleClient
 
@@ -177,5 +176,20 @@ def test_requests_through_a_proxy_when_the_environment_names_one(monkeypatch):
             assert proxy.heads[0].startswith(b"POST http://models.example/v1/chat/completions HTTP/1.1")
 
     asyncio.run(main())
-    monkeypatch.setenv("NO_PROXY", "models.example")
-    assert not proxied("http://models.example/v1") and proxied("http://other.example/v1")
+
+
+def test_no_proxy_with_a_leading_dot_covers_the_subdomains(monkeypatch):
+    # httpx2 reads the proxy variables: requests to an excluded host go straight there.
+    async def main() -> None:
+        async with ScriptedServer(response(b"{}")) as proxy:
+            monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            monkeypatch.setenv("NO_PROXY", ".example.invalid")
+            client = OpenAICompatibleClient("m", api_url="http://models.example.invalid/v1", max_retries=0, timeout=5.0)
+            with pytest.raises(EndpointUnreachable):
+                await client.acomplete(MESSAGES)
+            await client.aclose()
+            assert proxy.heads == []
+
+    for name in ("no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    asyncio.run(main())

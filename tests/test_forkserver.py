@@ -171,7 +171,7 @@ def test_two_threads_waiting_for_one_worker_both_get_its_exit_status(bridge):
     box = create_sandbox("subprocess", bridge)
     try:
         process = box._held.worker.process
-        box._held.worker.send({"op": "exec", "code": "import os; os._exit(3)", "max_output": 100})
+        box._held.worker.request({"op": "exec", "code": "import os; os._exit(3)", "max_output": 100})
         with ThreadPoolExecutor(2) as pool:
             codes = list(pool.map(lambda _: process.wait(5), range(2)))
         assert codes == [3, 3] and process.returncode == 3

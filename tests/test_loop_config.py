@@ -18,8 +18,8 @@ from rlm.utils.llm import Completion
     [
         ({"max_iterations": 2.5}, ["max_iterations", "whole number", "2.5"]),
         ({"max_output_length": 0}, ["max_output_length", "positive", "0"]),
-        ({"sandbox": 123}, ["sandbox", "'subprocess'", "factory", "123"]),
-        ({"sandbox": "nope"}, ["'nope'", "subprocess", "inprocess"]),
+        ({"sandbox": 123}, ["sandbox", "'auto'", "'subprocess'", "factory", "123"]),
+        ({"sandbox": "nope"}, ["'nope'", "auto", "bwrap", "strict", "subprocess", "inprocess"]),
         ({"max_depth": -1}, ["max_depth", "0", "1", "-1"]),
     ],
     ids=["fractional_max_iterations", "zero_max_output_length", "sandbox_not_a_name", "unknown_sandbox",

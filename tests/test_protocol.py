@@ -9,7 +9,18 @@ import time
 
 import pytest
 
-from rlm.sandbox.protocol import MAX_FRAME, FrameReader, ProtocolError, encode_frame, write_frame
+from rlm.sandbox.protocol import (
+    HOST_FRAME_CAP,
+    MAX_JSON_ITEMS,
+    WORKER_FRAME_CAP,
+    WORKER_FRAMES,
+    FrameReader,
+    ProtocolError,
+    ProtocolViolation,
+    encode_frame,
+    fit_frame,
+    write_frame,
+)
 
 
 # -- the frame protocol ---------------------------------------------------------------------------
@@ -78,17 +89,17 @@ def test_large_frame_round_trips_through_a_pipe(pipe):
 @pytest.mark.parametrize(
     ("raw", "complaint"),
     [
-        ((MAX_FRAME + 1).to_bytes(4, "big") + b"{}", "corrupt frame header"),
+        ((HOST_FRAME_CAP + 1).to_bytes(4, "big") + b"{}", "over the cap"),
         (len(b"{not json").to_bytes(4, "big") + b"{not json", "not valid JSON"),
         (len(b"\xff\xfe").to_bytes(4, "big") + b"\xff\xfe", "not valid JSON"),
         (len(b"[1, 2]").to_bytes(4, "big") + b"[1, 2]", "'op'"),
         (len(b'{"no": 1}').to_bytes(4, "big") + b'{"no": 1}', "'op'"),
     ],
 )
-def test_corrupt_frames_raise_protocol_error(pipe, raw, complaint):
+def test_corrupt_frames_raise_protocol_violation(pipe, raw, complaint):
     read_fd, write_fd = pipe
     os.write(write_fd, raw)
-    with pytest.raises(ProtocolError, match=complaint):
+    with pytest.raises(ProtocolViolation, match=complaint):
         FrameReader(read_fd).read(deadline=time.monotonic() + 1)
 
 
@@ -104,3 +115,131 @@ def test_frames_are_json_never_pickle():
     frame = encode_frame({"op": "ready", "pid": 7})
     assert int.from_bytes(frame[:4], "big") == len(frame) - 4
     assert json.loads(frame[4:]) == {"op": "ready", "pid": 7}
+
+
+# -- what the host accepts from a worker: caps and schema ---------------------------------------
+
+
+def _worker_reader(fd: int) -> FrameReader:
+    return FrameReader(fd, limit=WORKER_FRAME_CAP, max_items=MAX_JSON_ITEMS, schema=WORKER_FRAMES)
+
+
+def _raw(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+def test_an_over_cap_length_is_refused_from_the_header_alone(pipe):
+    read_fd, write_fd = pipe
+    os.write(write_fd, (1 << 30).to_bytes(4, "big"))  # no body follows: reading one would block
+    started = time.monotonic()
+    with pytest.raises(ProtocolViolation, match=f"1,073,741,824 bytes, over the cap of {WORKER_FRAME_CAP:,}"):
+        _worker_reader(read_fd).read(deadline=time.monotonic() + 5)
+    assert time.monotonic() - started < 1
+
+
+def test_the_reader_buffers_one_frame_at_most(pipe):
+    read_fd, write_fd = pipe
+    first, second = {"op": "hello", "pid": 1}, {"op": "ready", "pid": 1}
+    os.write(write_fd, encode_frame(first) + encode_frame(second))
+    assert _worker_reader(read_fd).read() == first
+    assert FrameReader(read_fd).read() == second  # still in the pipe, not in the first reader
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" + b"{}," * 1_300_000 + b"{}]",  # 3.9 MB of empty objects
+        b"[" + b"1.5," * 1_000_000 + b"1.5]",
+        b'{"op":"result","x":[' + b'"ab",' * 800_000 + b'"ab"]}',
+    ],
+    ids=["objects", "floats", "strings"],
+)
+def test_a_frame_of_many_small_values_is_refused(pipe, body):
+    read_fd, write_fd = pipe
+    assert len(body) < WORKER_FRAME_CAP
+    writer = threading.Thread(target=os.write, args=(write_fd, _raw(body)))
+    writer.start()
+    with pytest.raises(ProtocolViolation, match="more than 100,000 JSON values"):
+        _worker_reader(read_fd).read(deadline=time.monotonic() + 10)
+    writer.join()
+
+
+def test_separators_inside_strings_do_not_count(pipe):
+    read_fd, write_fd = pipe
+    text = '[1, "a,b", {"c": [2]}], \\" [{,' * 40_000  # 400,000 separators, all inside the string
+    message = {"op": "error", "id": 3, "error": text}
+    writer = threading.Thread(target=write_frame, args=(write_fd, message))
+    writer.start()
+    assert _worker_reader(read_fd).read(deadline=time.monotonic() + 10) == message
+    writer.join()
+
+
+@pytest.mark.parametrize(
+    ("body", "complaint"),
+    [
+        (b"[" * 30_000 + b"]" * 30_000, "not valid JSON"),  # nesting past the parser's depth (fits the pipe)
+        (b'{"op":"result","duration":NaN}', "NaN is not JSON"),
+        (b'{"op":"result","n":' + b"9" * 5000 + b"}", "not valid JSON"),
+    ],
+    ids=["deep", "nan", "huge-int"],
+)
+def test_json_the_parser_refuses_is_a_violation(pipe, body, complaint):
+    read_fd, write_fd = pipe
+    os.write(write_fd, _raw(body))
+    with pytest.raises(ProtocolViolation, match=complaint):
+        _worker_reader(read_fd).read(deadline=time.monotonic() + 5)
+
+
+_RESULT = {"op": "result", "id": 1, "stdout": "", "stderr": "", "error": None, "final": None,
+           "interrupted": False, "duration": 0.1}
+_ITEM = {"query": "q", "context": None, "format": "text", "file": False}
+
+
+@pytest.mark.parametrize(
+    ("message", "complaint"),
+    [
+        ({"op": "pwn"}, "unknown op 'pwn'"),
+        ({"no": "op"}, "not an object with an 'op'"),
+        ({**_RESULT, "stdout": 5}, "'stdout' of a 'result' frame is a int, not str"),
+        ({**_RESULT, "interrupted": 1}, "'interrupted' of a 'result' frame is a int, not bool"),
+        ({**_RESULT, "id": True}, "'id' of a 'result' frame is a bool"),
+        ({key: value for key, value in _RESULT.items() if key != "final"}, "without its 'final' field"),
+        ({**_RESULT, "extra": 1}, "unknown field 'extra'"),
+        ({"op": "var", "id": 1, "found": True, "names": ["a", 7]}, "'names' of a 'var' frame holds a int"),
+        ({"op": "llm_query", "id": 1, "kind": "llm_query", "prompts": [1]}, "prompts of an 'llm_query' request"),
+        ({"op": "llm_query", "id": 1, "kind": "llm_query", "prompts": ["a", "b"]}, "with 2 prompts"),
+        ({"op": "llm_query", "id": 1, "kind": "shell", "prompts": ["a"]}, "not one of"),
+        ({"op": "llm_query", "id": 1, "kind": "rlm_query", "prompts": [{"query": "q"}]}, "not an object with the fields"),
+        ({"op": "llm_query", "id": 1, "kind": "rlm_query", "prompts": [{**_ITEM, "context": "c", "file": True}]},
+         "both a context file and a context text"),
+        ({"op": "context", "id": 1, "type": "str", "total_length": 1, "chunk_count": 1, "chunk_lengths": [0] * 101},
+         "over its cap of 100"),
+    ],
+)
+def test_frames_that_break_the_schema_are_violations(pipe, message, complaint):
+    read_fd, write_fd = pipe
+    write_frame(write_fd, message)
+    with pytest.raises(ProtocolViolation, match=complaint):
+        _worker_reader(read_fd).read(deadline=time.monotonic() + 5)
+
+
+def test_frames_within_the_schema_pass(pipe):
+    read_fd, write_fd = pipe
+    messages = [
+        _RESULT,
+        {"op": "llm_query", "id": 2, "kind": "rlm_query_batched", "prompts": [_ITEM, {**_ITEM, "file": True}]},
+        {"op": "var", "id": 3, "found": False, "value": None, "names": ["x"]},
+    ]
+    for message in messages:
+        write_frame(write_fd, message)
+    reader = _worker_reader(read_fd)
+    assert [reader.read() for _ in messages] == messages
+
+
+def test_fit_frame_cuts_the_longest_text_with_a_mark_until_the_frame_fits():
+    message = {"op": "result", "stdout": "é" * 3_000_000, "stderr": "short", "final": "x" * 1_000_000}
+    frame = fit_frame(dict(message), ("stdout", "stderr", "final"))
+    assert len(frame) - 4 <= WORKER_FRAME_CAP
+    decoded = json.loads(frame[4:])
+    assert "characters omitted" in decoded["stdout"] and decoded["stdout"].startswith("é")
+    assert decoded["stderr"] == "short" and decoded["final"] == message["final"]

@@ -3,6 +3,7 @@ and the in-process sandbox (output capture that leaves the host's printing alone
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RecordingBridge, ok, run
+from helpers import RecordingBridge, make, ok, repl, run
 from rlm.sandbox import ContextSource, create_sandbox
 from rlm.sandbox import subprocess as subprocess_sandbox
+from rlm.sandbox.workerio import STDERR_KEPT
 
 
 @pytest.fixture(params=["subprocess", "strict", "bwrap"])
@@ -105,6 +107,74 @@ def test_restart_after_kill_also_cleans_up(worker_sandbox, monkeypatch):
     assert new_pid != old_pid
     with pytest.raises(ProcessLookupError):
         os.kill(old_pid, 0)
+
+
+
+# -- what crosses the pipe: frames under the cap, sealed files, bounded stderr ---------------------
+
+
+def test_a_batch_too_large_for_one_frame_goes_as_several_requests(worker_sandbox, bridge):
+    out = ok(worker_sandbox, "answers = llm_query_batched([str(i) * 1_000_000 for i in range(10)])\n"
+                             "print(len(answers), [len(a) for a in answers] == [1_000_000] * 10, answers[9][:3])")
+    assert out == "10 True 999\n"
+    assert [len(prompts) for _, prompts in bridge.calls] == [4, 4, 2]
+    assert [prompts[0][0] for _, prompts in bridge.calls] == ["0", "4", "8"]  # in order
+
+
+def test_a_prompt_too_large_for_a_frame_fails_in_model_code_saying_the_limit(worker_sandbox, bridge):
+    result = run(worker_sandbox, "llm_query('é' * 3_000_000)")
+    assert "ValueError: llm_query: the prompt is 6,000,003 bytes" in result.error
+    assert "at most 4,190,208 bytes (about 4 MiB)" in result.error and "subcalls.py" not in result.error
+    assert not result.restarted and bridge.calls == []
+    assert ok(worker_sandbox, "print(llm_query('fine'))") == "FINE\n"
+
+
+def test_a_large_rlm_query_context_comes_as_a_sealed_file_and_data_as_json_text(worker_sandbox):
+    seen = []
+
+    def bridge(kind, items):
+        for item in items:
+            source = item.context
+            if source.handle is not None:
+                seals = fcntl.fcntl(source.handle, fcntl.F_GET_SEALS)
+                with pytest.raises(OSError):
+                    os.pwrite(source.handle, b"changed", 0)
+                seen.append(("file", source.fmt, os.pread(source.handle, 10, 0), os.fstat(source.handle).st_size,
+                             seals & 0xF == 0xF))
+            else:
+                seen.append(("text", source.json_text, source.value))
+        return ["ok"] * len(items)
+
+    box = create_sandbox(worker_sandbox.name, bridge)
+    try:
+        code = "print(rlm_query('big', 'ü' * 300_000), rlm_query_batched(['a', 'b'], [[1, [2]], 'plain']))"
+        assert ok(box, code) == "ok ['ok', 'ok']\n"
+    finally:
+        box.close()
+    (_, fmt, head, size, sealed), *rest = seen
+    assert (fmt, head, size, sealed) == ("text", ("ü" * 5).encode(), 600_000, True)
+    assert rest == [("text", "[1, [2]]", None), ("text", None, "plain")]
+
+
+def test_worker_stderr_is_kept_bounded_in_host_memory(worker_sandbox):
+    code = "import os\nfor _ in range(300):\n    os.write(2, b'e' * 65536)\n    os.write(1, b'o' * 65536)\n" \
+           "os.write(2, b'THE LAST WORDS')\nprint('still fine')"
+    assert ok(worker_sandbox, code) == "still fine\n"
+    worker = worker_sandbox._held.worker
+    assert len(worker.stderr_tail(limit=1 << 30)) <= STDERR_KEPT
+    result = run(worker_sandbox, "import os\nos._exit(5)")
+    assert result.restarted and "code 5" in result.error and "THE LAST WORDS" in result.error
+
+
+def test_a_sub_call_from_a_thread_its_cell_left_behind_fails_in_that_thread_only(worker_sandbox, bridge):
+    code = ("import threading, time\nerrors = []\n"
+            "def late():\n    time.sleep(0.3)\n    try:\n        llm_query('late')\n"
+            "    except Exception as exc:\n        errors.append(str(exc))\n"
+            "threading.Thread(target=late).start()")
+    ok(worker_sandbox, code)
+    time.sleep(0.8)
+    assert "only be called while a cell runs" in ok(worker_sandbox, "print(errors)")
+    assert bridge.calls == []
 
 
 
@@ -200,3 +270,26 @@ def test_inprocess_host_prints_from_other_threads_are_not_captured(inprocess_san
     result = run(inprocess_sandbox, "print('cell before')\nllm_query('x')\nprint('cell after')")
     assert result.stdout == "cell before\ncell after\n"
     assert capsys.readouterr().out == "host progress line\n"
+
+
+# -- rlm_query contexts through a whole run ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", ["subprocess", "strict"])
+def test_child_runs_load_contexts_sent_as_files_and_as_json_text(level):
+    def sub(messages: list[dict]) -> str:
+        if messages[0]["role"] != "system":
+            return "leaf"
+        if len(messages) == 2:
+            return repl("print(type(context).__name__, len(context), context[0] if isinstance(context, list) else '')")
+        return f"FINAL({messages[-1]['content'].split('Output:')[-1][:60].strip()})"
+
+    code = "print(rlm_query('big', 'z' * 400_000))\nprint(rlm_query('data', [['a', 1], {'b': None}]))\n" \
+           "try:\n    rlm_query_batched(['x'], [object()])\nexcept TypeError as exc:\n    print('refused', exc)"
+    rlm, _, _ = make([repl(code), "FINAL(top)"], sub, sandbox=level, max_depth=2)
+    assert rlm.completion(context="c", query="q") == "top"
+    starts = [event for event in rlm.trace if event.type == "run_start"]
+    assert [(s.depth, s.context["type"], s.context["total_length"]) for s in starts[1:]] == [
+        (1, "str", 400_000), (1, "list", len('["a", 1]') + len('{"b": null}'))]
+    out = [event for event in rlm.trace if event.type == "exec" and event.depth == 0][0].stdout
+    assert "str 400000" in out and "list 2 ['a', 1]" in out and "refused rlm_query: context 0 must be" in out

@@ -106,10 +106,11 @@ def test_plain_lines_per_turn_and_per_finished_batch(capsys: pytest.CaptureFixtu
         rlm, _, _ = make([repl(code), "FINAL(done)"], lambda messages: "answer", on_event=progress)
         assert rlm.completion(context="c", query="q") == "done"
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("rlm: turn 1/20, 0 sub-calls")
-    assert lines[1] == "rlm: turn 1: batch of 3 sub-calls done"
-    assert lines[2].startswith("rlm: turn 2/20, 4 sub-calls") and lines[3].startswith("rlm: answered after 2 turn(s)")
-    assert len(lines) == 4
+    assert lines[0] == "rlm: sandbox: inprocess"
+    assert lines[1].startswith("rlm: turn 1/20, 0 sub-calls")
+    assert lines[2] == "rlm: turn 1: batch of 3 sub-calls done"
+    assert lines[3].startswith("rlm: turn 2/20, 4 sub-calls") and lines[4].startswith("rlm: answered after 2 turn(s)")
+    assert len(lines) == 5
 
 
 def test_quiet_shows_nothing(capsys: pytest.CaptureFixture[str]) -> None:

@@ -48,7 +48,7 @@ class RunSettings:
 
     max_iterations: int = 20
     max_reply_tokens: int | None = None  # cap on each root reply (None: the server's default)
-    sandbox: str = "subprocess"
+    sandbox: str = "auto"  # the strongest isolation this machine has (rlm.sandbox.auto)
     exec_timeout: float = 120.0
     system_prompt: str = "default"
     context_window: int | None = None  # root window in tokens; default: what the server reports

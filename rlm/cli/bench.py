@@ -7,7 +7,6 @@ The summary table goes to stdout, progress and file paths to stderr; exit codes 
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from pathlib import Path
@@ -17,6 +16,17 @@ import typer
 
 from rlm.cli.exits import Failure, failure_for
 from rlm.cli.local import local_endpoint
+from rlm.cli.output import (
+    SANDBOX_HELP,
+    SANDBOX_METAVAR,
+    echo,
+    isolation_warning_held,
+    json_text,
+    sandbox_line,
+    say,
+    warn_if_unisolated,
+)
+from rlm.sandbox import AUTO, check_available, resolve_level
 
 __all__ = ["app", "register"]
 
@@ -49,7 +59,7 @@ def run(
     max_iterations: Annotated[int, typer.Option(min=1, help="Root turns per run before giving up.")] = 20,
     max_reply_tokens: Annotated[int | None, typer.Option(min=1, help="Cap on each root reply.")] = None,
     context_window: Annotated[int | None, typer.Option(min=256, help="Root model's window in tokens (default: what the server reports).")] = None,
-    sandbox: Annotated[str, typer.Option(help="Where model code runs.")] = "subprocess",
+    sandbox: Annotated[str, typer.Option(metavar=SANDBOX_METAVAR, help=SANDBOX_HELP)] = AUTO,
     exec_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds one code cell may run.")] = 120.0,
     prompt: Annotated[str, typer.Option(help="System prompt: default, cautious or small.")] = "default",
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Draw plot.png (needs rlm[bench]).")] = True,
@@ -70,6 +80,11 @@ def run(
             raise _bad(reasons[0])
         if plot:
             _require_plot()
+        with isolation_warning_held():
+            check_available(sandbox)  # "auto" is chosen here, once for all the runs
+        warn_if_unisolated(sandbox)
+        if not quiet:
+            say(sandbox_line(resolve_level(sandbox), sandbox))
         with local_endpoint(model, sub_model, api_url, quiet=quiet) as (model, sub_model, api_url):
             models = Models.from_endpoint(model, sub_model, api_url=api_url, max_retries=max_retries)
             display = _Display(quiet)
@@ -79,7 +94,7 @@ def run(
         paths = write_report(out, plot=plot)
     except (Exception, KeyboardInterrupt) as exc:  # one line and an exit code, never a traceback
         _fail(failure_for(exc), out)
-    typer.echo(paths["markdown"].read_text(encoding="utf-8"))
+    echo(paths["markdown"].read_text(encoding="utf-8"))
     _paths(paths, out, quiet)
 
 
@@ -98,7 +113,7 @@ def report(
         paths = write_report(out, plot=plot)
     except Exception as exc:  # one line and an exit code, never a traceback
         _fail(failure_for(exc), None)
-    typer.echo(paths["markdown"].read_text(encoding="utf-8"))
+    echo(paths["markdown"].read_text(encoding="utf-8"))
     _paths(paths, out, quiet=False)
 
 
@@ -109,7 +124,7 @@ def methods() -> None:
 
     for name, what in METHODS.items():
         reason = unavailable_reason(name)
-        typer.echo(f"{name:<11} {what}" + (f"  [unavailable: {reason}]" if reason else ""))
+        echo(f"{name:<11} {what}" + (f"  [unavailable: {reason}]" if reason else ""))
 
 
 @app.command()
@@ -129,7 +144,7 @@ def task(
         _fail(failure_for(exc), None)
     if context_out is not None:
         context_out.write_text(made.context, encoding="utf-8")
-    typer.echo(json.dumps(made.describe(), ensure_ascii=False, indent=2))
+    typer.echo(json_text(made.describe(), indent=2))
 
 
 def _require_plot() -> None:
@@ -188,7 +203,7 @@ class _Display:
 
     def _say(self, line: str) -> None:
         if self.mode != "off":
-            typer.echo(f"rlm: {line}", err=True)
+            say(line)
 
 
 def _result_line(result: dict[str, Any]) -> str:
@@ -199,11 +214,11 @@ def _result_line(result: dict[str, Any]) -> str:
 def _paths(paths: dict[str, Path], out: Path, quiet: bool) -> None:
     if not quiet:
         written = ", ".join(str(path) for path in paths.values())
-        typer.echo(f"rlm: wrote {written} (results: {out / 'results.jsonl'})", err=True)
+        say(f"wrote {written} (results: {out / 'results.jsonl'})")
 
 
 def _fail(failure: Failure, out: Path | None) -> NoReturn:
     if out is not None and (out / "results.jsonl").exists():
-        typer.echo(f"rlm: finished runs are saved in {out}; run the same command again to resume", err=True)
-    typer.echo(f"rlm: {failure.message}", err=True)
+        say(f"finished runs are saved in {out}; run the same command again to resume")
+    say(failure.message)
     raise typer.Exit(int(failure.code))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +16,9 @@ from typing import Annotated, Any, Iterator
 import typer
 
 from rlm.cli.exits import BadInput, Failure, failure_for
+from rlm.cli.output import echo, isolation_warning_held, json_text, say, warn_if_unisolated
 from rlm.cli.progress import Progress
+from rlm.sandbox import AUTO
 
 __all__ = ["register", "local_endpoint", "serve", "demo"]
 
@@ -57,10 +58,10 @@ def local_endpoint(
         cap = _BUNDLED_REPLY_TOKENS if gguf is None else ServerSettings.max_reply_tokens
         settings = ServerSettings(port=0, gguf=str(gguf) if gguf else None, max_reply_tokens=cap).resolved()
         if not quiet:
-            _say(f"starting the local model {settings.alias} (llama.cpp, CPU)")
+            say(f"starting the local model {settings.alias} (llama.cpp, CPU)")
         with LocalServer(settings) as server:
             if not quiet:
-                _say(f"local model ready at {server.url} in {server.start_seconds:.1f} s")
+                say(f"local model ready at {server.url} in {server.start_seconds:.1f} s")
             yield "auto", "auto", server.url
     except LocalModelError as exc:
         raise BadInput(str(exc)) from None
@@ -82,9 +83,9 @@ def serve(
 
     def ready(url: str) -> None:
         typer.echo(url)
-        _say(f"serving {settings.alias} at {url} (ready in {time.perf_counter() - started:.1f} s); Ctrl-C to stop")
+        say(f"serving {settings.alias} at {url} (ready in {time.perf_counter() - started:.1f} s); Ctrl-C to stop")
         if not _is_loopback(host):
-            _say(f"warning: {host} is reachable from other machines, and the server asks for no API key")
+            say(f"warning: {host} is reachable from other machines, and the server asks for no API key")
 
     try:
         settings = ServerSettings(
@@ -96,7 +97,7 @@ def serve(
         _fail(failure_for(exc))
     except Exception as exc:  # one line and an exit code, never a traceback
         _fail(_local_failure(exc))
-    _say("stopped")
+    say("stopped")
 
 
 def demo(
@@ -120,12 +121,12 @@ def demo(
     except Exception as exc:  # a bad --tokens value
         _fail(failure_for(exc))
     if not quiet:
-        _say(f"demo: a {len(task.context):,}-character haystack with one needle; question: {task.question}")
+        say(f"demo: a {len(task.context):,}-character haystack with one needle; question: {task.question}")
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="rlm-demo-"))
     options = {"max_iterations": max_iterations, "max_reply_tokens": max_reply_tokens, "log_dir": str(log_dir)}
     report, failure = _demo_run(task, gguf, api_url, model, options, quiet=quiet)
     if json_output:
-        typer.echo(json.dumps({**report, "error": failure.message if failure else None}, ensure_ascii=False))
+        typer.echo(json_text({**report, "error": failure.message if failure else None}))
     elif report.get("turns"):
         _print_report(report)
     if failure is not None:
@@ -143,8 +144,11 @@ def _demo_run(
         with _demo_endpoint(api_url, model, gguf, quiet=quiet, report=report) as (model, url):
             # The "small" prompt is the one for small-window models such as the bundled one.
             prompt = "default" if api_url else "small"
-            with RLM_REPL(model, model, api_url=url, exec_timeout=30, on_event=progress, system_prompt=prompt,
-                          **options) as engine:
+            with isolation_warning_held():
+                engine = RLM_REPL(model, model, api_url=url, exec_timeout=30, on_event=progress, system_prompt=prompt,
+                                  **options)
+            warn_if_unisolated(AUTO)  # RLM_REPL's default
+            with engine:
                 with progress:
                     answer = engine.completion(context=task.context, query=task.question)
                 report.update(_outcome(engine, answer, task.answer))
@@ -202,7 +206,7 @@ def _print_report(report: dict[str, Any]) -> None:
         "",
         report["note"],
     ]
-    typer.echo("\n".join(lines))
+    echo("\n".join(lines))
 
 
 def _local_failure(exc: BaseException) -> Failure:
@@ -223,9 +227,6 @@ def _is_loopback(host: str) -> bool:
 
 
 def _fail(failure: Failure) -> None:
-    _say(failure.message)
+    say(failure.message)
     raise typer.Exit(int(failure.code))
 
-
-def _say(line: str) -> None:
-    typer.echo(f"rlm: {line}", err=True)

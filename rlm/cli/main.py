@@ -7,7 +7,6 @@ from `rlm.cli.exits`, the one place they are defined.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
@@ -19,8 +18,17 @@ from rlm import __version__
 from rlm.cli import bench, local, view
 from rlm.cli.exits import BadInput, ExitCode, Failure, failure_for, no_answer
 from rlm.cli.local import local_endpoint
+from rlm.cli.output import (
+    SANDBOX_HELP,
+    SANDBOX_METAVAR,
+    echo,
+    isolation_warning_held,
+    json_text,
+    say,
+    warn_if_unisolated,
+)
 from rlm.cli.progress import Progress
-from rlm.sandbox import SANDBOXES, parse_size
+from rlm.sandbox import AUTO, parse_size
 from rlm.utils.prompts import PROMPTS
 
 __all__ = ["app", "run"]
@@ -56,9 +64,7 @@ def ask(
     sub_model: Annotated[str, typer.Option(help="Sub-model for llm_query, or 'auto'.")] = "auto",
     api_url: Annotated[str | None, typer.Option(help=_API_URL_HELP)] = None,
     max_iterations: Annotated[int, typer.Option(min=1, help="Root turns before giving up.")] = 20,
-    sandbox: Annotated[
-        str, typer.Option(metavar="|".join(SANDBOXES), help="Where model code runs ('strict', 'bwrap': isolated).")
-    ] = "subprocess",
+    sandbox: Annotated[str, typer.Option(metavar=SANDBOX_METAVAR, help=SANDBOX_HELP)] = AUTO,
     exec_timeout: Annotated[
         float | None, typer.Option(show_default="120", help="Seconds one code cell may run.")
     ] = None,
@@ -96,14 +102,16 @@ def ask(
         from rlm.rlm_repl import RLM_REPL
 
         with local_endpoint(model, sub_model, api_url, quiet=quiet) as (model, sub_model, api_url):
-            engine = RLM_REPL(
-                model, sub_model, max_iterations,
-                api_url=api_url, sandbox=sandbox, system_prompt=prompt, max_retries=max_retries,
-                log_dir=view.ask_log_dir(log_dir, keep_logs), on_event=progress,
-                max_depth=max_depth, max_cost=max_cost, max_tokens=max_tokens, max_sub_calls=max_sub_calls,
-                max_time=max_time, **({"exec_timeout": exec_timeout} if exec_timeout is not None else {}),
-                memory_limit=parse_size(memory_limit), cpu_time_limit=cpu_time_limit,
-            )
+            with isolation_warning_held():
+                engine = RLM_REPL(
+                    model, sub_model, max_iterations,
+                    api_url=api_url, sandbox=sandbox, system_prompt=prompt, max_retries=max_retries,
+                    log_dir=view.ask_log_dir(log_dir, keep_logs), on_event=progress,
+                    max_depth=max_depth, max_cost=max_cost, max_tokens=max_tokens, max_sub_calls=max_sub_calls,
+                    max_time=max_time, **({"exec_timeout": exec_timeout} if exec_timeout is not None else {}),
+                    memory_limit=parse_size(memory_limit), cpu_time_limit=cpu_time_limit,
+                )
+            warn_if_unisolated(sandbox)
             with progress:
                 answer = engine.completion(context=source, query=query)
     except (Exception, KeyboardInterrupt) as exc:  # every failure becomes one line and an exit code
@@ -114,13 +122,14 @@ def ask(
     if answer is None and failure is None:
         failure = no_answer(max_iterations)
     if json_output:
-        typer.echo(json.dumps(_report(answer, failure, progress, trajectory), ensure_ascii=False))
+        level = engine.sandbox_level if engine is not None else None
+        typer.echo(json_text({**_report(answer, failure, progress, trajectory), "sandbox": level}))
     elif answer is not None:
-        typer.echo(answer)
+        echo(answer)
     if trajectory is not None and not quiet:
-        _say(f"trajectory: {trajectory}")
+        say(f"trajectory: {trajectory}")
     if failure is not None:
-        _say(failure.message)
+        say(failure.message)
         raise typer.Exit(int(failure.code))
 
 
@@ -139,18 +148,18 @@ def models(
         client.close()
     except (Exception, KeyboardInterrupt) as exc:  # one line and an exit code, never a traceback
         failure = failure_for(exc)
-        _say(failure.message)
+        say(failure.message)
         raise typer.Exit(int(failure.code)) from None
     rows = [{"id": str(entry["id"]), "context_window": context_window_of(entry)} for entry in listing]
     if json_output:
-        typer.echo(json.dumps({"api_url": client.base_url, "models": rows}, ensure_ascii=False))
+        typer.echo(json_text({"api_url": client.base_url, "models": rows}))
         return
     if not rows:
-        _say(f"{client.base_url}/models lists no models; load one into your server, or name one with --model")
+        say(f"{client.base_url}/models lists no models; load one into your server, or name one with --model")
     width = max((len(row["id"]) for row in rows), default=0)
     for row in rows:
         window = row["context_window"]
-        typer.echo(f"{row['id']:<{width}}  {window:,} tokens" if window else row["id"])
+        echo(f"{row['id']:<{width}}  {window:,} tokens" if window else row["id"])
 
 
 bench.register(app)
@@ -175,7 +184,7 @@ def _read_context(option: str, *, quiet: bool) -> str | Path:
     if sys.stdin is None:
         raise BadInput("--context - needs a standard input; pipe the context in, or pass a file")
     if sys.stdin.isatty() and not quiet:
-        _say("reading the context from stdin; end it with Ctrl-D")
+        say("reading the context from stdin; end it with Ctrl-D")
     try:
         text = sys.stdin.buffer.read().decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -210,6 +219,3 @@ def _report(answer: str | None, failure: Failure | None, progress: Progress, tra
         "trajectory": str(trajectory) if trajectory is not None else None,
     }
 
-
-def _say(line: str) -> None:
-    typer.echo(f"rlm: {line}", err=True)

@@ -7,7 +7,9 @@ On a terminal it is a small live view (rich), redrawn in place and cleared at th
       batch ━━━━━━━━━━━━━━━━━━━━╺━━━━━━━━━━━━━━━━━━━ 31/64
 
 Otherwise (a pipe, a CI log) one short plain line per root turn, and one per finished batch.
-Either way a last line sums the run up. Nothing with --quiet.
+Either way the run starts with the sandbox it runs in ("sandbox: bwrap (auto)") and a last
+line sums it up. Nothing with --quiet. The model's code is shown with
+its escape sequences and control characters taken out (`terminal_safe`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rlm._text import terminal_safe
+from rlm.cli.output import sandbox_line, say
 from rlm.parsing import parse_reply
 from rlm.utils.tracing import CodeExec, Event, LLMCall, RunEnd, RunStart, SubCall
 
@@ -71,9 +75,11 @@ class Progress:
             view = self._view() if live is not None else None
         if live is not None:
             live.update(view)  # rich's Live takes updates from any thread
+            if isinstance(event, RunStart) and said:  # the sandbox line stays above the live view
+                live.console.print(f"rlm: {said[0]}", markup=False, highlight=False)
         elif self.mode == "plain":
             for line in said:
-                _say(line)
+                say(line)
 
     def __enter__(self) -> "Progress":
         if self.mode == "rich":
@@ -93,7 +99,7 @@ class Progress:
             live.stop()
         if self.mode != "off" and self.end is not None and self.end.status != "error":
             outcome = "answered after" if self.end.status == "answered" else "ran"
-            _say(f"{outcome} {self.end.turns} turn(s): {self.totals()}, {self.end.duration:.1f} s")
+            say(f"{outcome} {self.end.turns} turn(s): {self.totals()}, {self.end.duration:.1f} s")
 
     def line(self) -> str:
         """The status line: turn i/max and the totals so far."""
@@ -112,6 +118,7 @@ class Progress:
         if isinstance(event, RunStart):
             if top:
                 self.turn = 1
+                return [sandbox_line(event.sandbox, (event.settings or {}).get("sandbox"))]
             else:
                 self.child_runs += 1
         elif isinstance(event, LLMCall):
@@ -160,7 +167,7 @@ class Progress:
 
         rows: list[Any] = [Spinner("dots", Text(self.line() if self.turn else "starting"))]
         if self._running and self._blocks:
-            code = [line for line in self._blocks[self._running - 1].splitlines() if line.strip()]
+            code = [line for line in terminal_safe(self._blocks[self._running - 1]).splitlines() if line.strip()]
             label = f"running cell {self._running} of {len(self._blocks)}: "
             shown = "\n".join([code[0] if code else "", *("    " + line for line in code[1:_CODE_LINES])])
             rows.append(Text("  " + label + shown, style="dim", overflow="ellipsis", no_wrap=True))
@@ -175,6 +182,3 @@ class Progress:
             rows.append(Text(f"  {self.child_runs} child run(s) started", style="dim"))
         return Group(*rows)
 
-
-def _say(line: str) -> None:
-    print(f"rlm: {line}", file=sys.stderr, flush=True)

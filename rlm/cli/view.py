@@ -6,7 +6,6 @@ where `rlm ask --keep-logs` writes (on Linux ~/.local/share/rlm/runs).
 
 from __future__ import annotations
 
-import json
 import time
 import webbrowser
 from pathlib import Path
@@ -14,7 +13,9 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from rlm._text import terminal_safe
 from rlm.cli.exits import BadInput, ExitCode, Failure, failure_for
+from rlm.cli.output import echo, json_text, say
 
 __all__ = ["register", "view", "runs", "replay", "ask_log_dir"]
 
@@ -44,7 +45,7 @@ def view(
         written = write_html(source, output)
     except (Exception, KeyboardInterrupt) as exc:  # one line and an exit code, never a traceback
         _fail(_failure(exc))
-    typer.echo(str(written))
+    echo(str(written))
     if open_page:
         webbrowser.open(written.resolve().as_uri())
 
@@ -60,7 +61,7 @@ def runs(
     directory = _log_dir(log_dir)
     files = find_runs(directory)[:limit]
     if not files:
-        _say(f"no runs in {directory}; keep some with rlm ask --keep-logs (or --log-dir DIR)")
+        say(f"no runs in {directory}; keep some with rlm ask --keep-logs (or --log-dir DIR)")
         return
     rows = []
     for file in files:
@@ -70,7 +71,7 @@ def runs(
             rows.append({"file": str(file), "status": "unreadable", "error": str(exc)})
     if json_output:
         for row in rows:
-            typer.echo(json.dumps(row, ensure_ascii=False))
+            typer.echo(json_text(row))
         return
     _print_table(rows)
 
@@ -96,16 +97,16 @@ def replay(
         _fail(_failure(exc))
     divergence = result.divergence
     if json_output:
-        typer.echo(json.dumps({
+        typer.echo(json_text({
             "identical": divergence is None, "status": result.status, "turns": result.turns,
             "answer": result.answer, "recorded_answer": result.recorded_answer,
             "divergence": None if divergence is None else {
                 "kind": divergence.kind, "detail": divergence.detail, "run_id": divergence.run_id,
                 "turn": divergence.turn, "recorded": divergence.recorded, "now": divergence.now,
             },
-        }, ensure_ascii=False))
+        }))
     else:
-        typer.echo(result.describe())
+        echo(result.describe())
     if divergence is not None:
         raise typer.Exit(int(ExitCode.REPLAY_DIVERGED))
 
@@ -146,19 +147,19 @@ def _row(summary: Any) -> dict[str, Any]:
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     header = f"{'WHEN':<19}  {'STATUS':<15}  {'TURNS':>5}  {'SUBS':>5}  {'COST':>8}  {'QUESTION':<40}  ANSWER"
-    typer.echo(header)
+    echo(header)
     for row in rows:
         if row["status"] == "unreadable":
-            typer.echo(f"{'?':<19}  {'unreadable':<15}  {'':>5}  {'':>5}  {'':>8}  {Path(row['file']).name}")
+            echo(f"{'?':<19}  {'unreadable':<15}  {'':>5}  {'':>5}  {'':>8}  {Path(row['file']).name}")
             continue
         cost = "" if row["cost"] is None else f"${row['cost']:.4f}"
         answer = "-" if row["answer"] is None else _short(row["answer"], 40)
-        typer.echo(f"{row['when']:<19}  {row['status']:<15}  {row['turns']:>5}  {row['sub_calls']:>5}  {cost:>8}  "
+        echo(f"{row['when']:<19}  {row['status']:<15}  {row['turns']:>5}  {row['sub_calls']:>5}  {cost:>8}  "
                    f"{_short(row['query'], 40):<40}  {answer}")
 
 
 def _short(text: str, width: int) -> str:
-    line = " ".join(str(text).split())
+    line = " ".join(terminal_safe(str(text)).split())  # made safe first, so the width is what shows
     return line if len(line) <= width else line[: width - 3] + "..."
 
 
@@ -169,9 +170,6 @@ def _failure(exc: BaseException) -> Failure:
 
 
 def _fail(failure: Failure) -> NoReturn:
-    _say(failure.message)
+    say(failure.message)
     raise typer.Exit(int(failure.code))
 
-
-def _say(line: str) -> None:
-    typer.echo(f"rlm: {line}", err=True)

@@ -2,8 +2,11 @@
 
 Levels, weakest first: `inprocess` (no isolation), `subprocess` (a worker process: crashes,
 hangs and limits, not hostile code), `strict` (the worker confined by Landlock and seccomp)
-and `bwrap` (the worker in bubblewrap namespaces, plus seccomp). A level this machine cannot
-provide raises SandboxUnavailable when created; there is never a silent fallback.
+and `bwrap` (the worker in bubblewrap namespaces, plus seccomp). `auto`, the default, is not
+a level of its own: it stands for the strongest of bwrap, strict and subprocess that this
+machine really runs (see `rlm.sandbox.auto`), and warns when that is subprocess. A level
+named explicitly that this machine cannot provide raises SandboxUnavailable when created;
+there is never a silent fallback from it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "AUTO",
     "SANDBOXES",
     "ContextSource",
     "ExecResult",
@@ -39,10 +43,12 @@ __all__ = [
     "check_available",
     "create_sandbox",
     "parse_size",
+    "resolve_level",
     "sandbox_class",
 ]
 
-_FROM_BASE = frozenset(__all__) - {"SANDBOXES", "check_available", "create_sandbox", "sandbox_class"}
+_OWN = {"AUTO", "SANDBOXES", "check_available", "create_sandbox", "resolve_level", "sandbox_class"}
+_FROM_BASE = frozenset(__all__) - _OWN
 
 
 def __getattr__(name: str) -> Any:
@@ -60,10 +66,25 @@ SANDBOXES = {
     "strict": "rlm.sandbox.strict:StrictSandbox",
     "bwrap": "rlm.sandbox.bwrap:BwrapSandbox",
 }
+AUTO = "auto"  # the default: the strongest level this machine provides (rlm.sandbox.auto)
+
+
+def resolve_level(name: str) -> str:
+    """The level `name` runs at: itself, or for "auto" the level chosen for this process.
+
+    The first "auto" checks what the machine provides (and issues IsolationWarning if only
+    `subprocess` is left); later ones return the same level at once.
+    """
+    if name != AUTO:
+        return name
+    from rlm.sandbox.auto import auto_choice
+
+    return auto_choice().level
 
 
 def create_sandbox(name: str, bridge: LLMBridge, limits: SandboxLimits | None = None) -> Sandbox:
-    """Start the sandbox registered under `name`, answering `llm_query` calls with `bridge`.
+    """Start the sandbox registered under `name` (or chosen by "auto"), answering `llm_query`
+    calls with `bridge`.
 
     `limits` default to `SandboxLimits()`. Raises ConfigError for an unknown name and
     SandboxUnavailable when this machine cannot provide the level.
@@ -74,11 +95,11 @@ def create_sandbox(name: str, bridge: LLMBridge, limits: SandboxLimits | None = 
 
 
 def sandbox_class(name: str) -> type[Sandbox]:
-    """The class registered under `name` (ConfigError if none is)."""
+    """The class registered under `name`, or chosen by "auto" (ConfigError if none is)."""
     try:
-        target = SANDBOXES[name]
+        target = SANDBOXES[resolve_level(name)]
     except KeyError:
-        raise ConfigError(f"unknown sandbox {name!r}; choose one of: {', '.join(SANDBOXES)}") from None
+        raise ConfigError(f"unknown sandbox {name!r}; choose one of: {', '.join([AUTO, *SANDBOXES])}") from None
     module_name, class_name = target.split(":")
     return getattr(importlib.import_module(module_name), class_name)
 

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from rlm._text import clean_text
+from rlm._text import clean_text, truncate_middle
 from rlm.errors import ConfigError
+from rlm.sandbox.protocol import CUT_ROOM, MAX_ANSWER_CHARS, MAX_ERROR_CHARS
 
 __all__ = [
+    "ChildQuery",
     "ContextSource",
     "ExecResult",
     "LLMBridge",
@@ -18,6 +20,7 @@ __all__ = [
     "SandboxFactory",
     "SandboxLimits",
     "SubCallFailed",
+    "child_queries",
     "parse_size",
     "result_from_session",
     "timeout_message",
@@ -34,8 +37,9 @@ class SubCallFailed(Exception):
     """
 
 
-# (kind, prompts) -> one answer per prompt; kind is "llm_query" or "llm_query_batched".
-LLMBridge = Callable[[str, "list[str]"], "list[str]"]
+# (kind, items) -> one answer per item. kind is "llm_query" or "llm_query_batched" (items are
+# prompts), or "rlm_query" or "rlm_query_batched" (items are ChildQuery).
+LLMBridge = Callable[[str, list], "list[str]"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,14 +99,48 @@ def parse_size(text: str) -> int | None:
 
 @dataclass(frozen=True, kw_only=True)
 class ContextSource:
-    """Where a sandbox gets the context: a value in memory, or a file it reads itself.
+    """Where a sandbox gets the context: a value in memory, JSON text, or a file it reads itself.
 
-    `fmt` is "text" (a UTF-8 file, memory-mapped) or "json" (a JSON document).
+    `value`: a Python value (the user's). `json_text`: a JSON document as text, parsed only
+    by the sandbox (an `rlm_query` context from model code: the host never parses it).
+    `path`: a file the sandbox opens. `handle`: a file already open (a descriptor), read
+    from its start; the sandbox makes its own copy of the descriptor and never closes this
+    one. `fmt` says how a file is read: "text" (UTF-8, memory-mapped) or "json".
     """
 
     value: Any = None
     path: Path | None = None
+    handle: int | None = None
+    json_text: str | None = None
     fmt: str = "text"
+
+
+@dataclass(frozen=True)
+class ChildQuery:
+    """One `rlm_query` of model code: the question, and its context (None: the question is the context)."""
+
+    query: str
+    context: ContextSource | None
+
+
+def child_queries(items: list[dict], files: list[int]) -> list[ChildQuery]:
+    """The rlm_query items a session sent (checked against protocol.py's schema), as ChildQuery.
+
+    `files` are the sealed context files, in the order of the items marked "file".
+    """
+    queries, remaining = [], iter(files)
+    for item in items:
+        context = item["context"]
+        if item["file"]:
+            source: ContextSource | None = ContextSource(handle=next(remaining), fmt=item["format"])
+        elif context is None:
+            source = None
+        elif item["format"] == "json":
+            source = ContextSource(json_text=context)
+        else:
+            source = ContextSource(value=context)
+        queries.append(ChildQuery(item["query"], source))
+    return queries
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,18 +166,29 @@ def timeout_message(timeout: float) -> str:
     return f"The cell ran past its {timeout:g} s limit and was interrupted. Variables are kept."
 
 
-def result_from_session(outcome: dict, *, timed_out: bool, timeout: float) -> ExecResult:
-    """An ExecResult from the dict `Session.execute` returns (in a worker or in process)."""
+def result_from_session(outcome: dict, *, timed_out: bool, timeout: float, max_output: int) -> ExecResult:
+    """An ExecResult from the dict `Session.execute` returns (in a worker or in process).
+
+    The texts are held to the caps the host states, whatever the session did: outputs to
+    `max_output` characters, the answer to `MAX_ANSWER_CHARS`, the error to `MAX_ERROR_CHARS`
+    (a cut is marked in the text; a session's own cut mark is let through).
+    """
     final = outcome.get("final")
     error = timeout_message(timeout) if timed_out else outcome.get("error")
     return ExecResult(
-        stdout=clean_text(outcome.get("stdout", "")),
-        stderr=clean_text(outcome.get("stderr", "")),
-        error=clean_text(error) if error is not None else None,
-        final=clean_text(final) if final is not None else None,
+        stdout=_capped(outcome.get("stdout", ""), max_output),
+        stderr=_capped(outcome.get("stderr", ""), max_output),
+        error=_capped(error, MAX_ERROR_CHARS) if error is not None else None,
+        final=_capped(final, MAX_ANSWER_CHARS) if final is not None else None,
         timed_out=timed_out,
         duration=outcome.get("duration", 0.0),
     )
+
+
+def _capped(text: str, limit: int) -> str:
+    if len(text) > limit + CUT_ROOM:  # a text the session cut itself is not cut again
+        text = truncate_middle(text, limit)
+    return clean_text(text)
 
 
 class Sandbox(abc.ABC):

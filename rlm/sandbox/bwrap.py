@@ -10,8 +10,11 @@ bubblewrap (`apt-get install bubblewrap`) starts the worker with:
 - no capabilities (`--cap-drop ALL`), a new session (no terminal to inject keys into), and
   death with the host (`--die-with-parent`).
 
-Inside, the worker applies the same seccomp filter and resource limits as `strict`. The
-context file is passed already open, so it is not mounted. Starting costs 50-90 ms more
+Inside, the worker drops what capabilities are left in its user namespace, restricts itself
+with Landlock to what is mounted (writing only to /scratch; where the kernel has Landlock),
+and applies the same seccomp filter and resource limits as `strict`. The context file is
+passed already open, so it is not mounted, and Landlock refuses to reopen it read-write
+through /proc/self/fd. Starting costs 50-90 ms more
 than `subprocess`; cells cost the same. Fails when created if bubblewrap or libseccomp is
 missing, or if the kernel refuses unprivileged user namespaces, saying which.
 """
@@ -21,19 +24,28 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from rlm.errors import SandboxError, SandboxUnavailable
-from rlm.sandbox import seccomp
+from rlm.sandbox import kernel, seccomp
 from rlm.sandbox.base import LLMBridge, SandboxLimits
-from rlm.sandbox.runtime import SYSTEM_DIRS, package_dir, python_dirs, top_level
+from rlm.sandbox.runtime import SCRATCH_SLACK, SYSTEM_DIRS, SYSTEM_FILES, package_dir, python_dirs, top_level
 from rlm.sandbox.subprocess import Launch, SubprocessSandbox, _Worker, python_argv, scrubbed_env
 
 __all__ = ["BwrapSandbox", "bwrap_path"]
 
 SCRATCH = "/scratch"
-_SCRATCH_SLACK = 1 << 20  # so that one file at the size limit fails as too large, not as a full disk
+
+
+@lru_cache(maxsize=1)
+def _landlock_available() -> bool:
+    try:
+        kernel.landlock_abi()
+    except OSError:
+        return False  # bubblewrap's mounts still hide the host's files; only the /proc/self/fd reopen stays
+    return True
 
 
 def bwrap_path() -> str:
@@ -85,7 +97,7 @@ class BwrapSandbox(SubprocessSandbox):
             "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             *_mounts(),
             "--proc", "/proc", "--dev", "/dev",
-            *(["--size", str(self.limits.file_size + _SCRATCH_SLACK)] if self.limits.file_size else []),
+            *(["--size", str(self.limits.file_size + SCRATCH_SLACK)] if self.limits.file_size else []),
             "--tmpfs", SCRATCH, "--chdir", SCRATCH,
             "--", *python_argv(),
         ]
@@ -93,8 +105,14 @@ class BwrapSandbox(SubprocessSandbox):
         return Launch(argv=argv, cwd="/", env=scrubbed_env(SCRATCH), signal_in_exit_code=True)
 
     def _confinement(self, worker_pid: int) -> dict[str, Any]:
+        # Landlock inside the mounts as well: what is mounted may be read, only /scratch written,
+        # and no descriptor it holds (the context's) can be reopened through /proc/self/fd.
+        read = top_level([*python_dirs(), *SYSTEM_DIRS, package_dir(), *SYSTEM_FILES])
+        confinement: dict[str, Any] = {"drop_privileges": True}
+        if _landlock_available():
+            confinement["landlock"] = {"read": read, "write": [SCRATCH, "/dev/null"]}
         program = seccomp.compile_filter(worker_pid)
-        return {"seccomp": base64.b64encode(program).decode("ascii")}
+        return {**confinement, "seccomp": base64.b64encode(program).decode("ascii")}
 
 
 def _mounts() -> list[str]:

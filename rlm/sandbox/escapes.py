@@ -1,13 +1,15 @@
 """Escape probes: what hostile model code tries, run against each sandbox level.
 
-    python -m rlm.sandbox.escapes            # the table of what each level blocks, on this machine
+    python -m rlm.sandbox.escapes                  # the table of what each level blocks, on this machine
+    python -m rlm.sandbox.escapes --as-user 65534  # the same, with the host running as that user (from root)
 
-Each probe is a cell of model code. It escaped if it printed ESCAPED, or if the host saw
-the effect (a file written outside scratch, a signal, a connection). Every level runs its
-probes in a throwaway host process, so that a probe that works (killing the host,
-forking) harms only that process; the probes' targets (a secret in the host's environment,
-a TCP and a Unix socket listening, a directory outside scratch) belong to it too. The
-`inprocess` level, which blocks nothing, shows that every probe can see its own success.
+Each probe is a cell of model code. It escaped if the host saw the effect (a signal, a
+killed process, a datagram, its priority or file changed, a SysV object read or drained, a
+process outliving the session...), or, for probes that only read (a secret, a file's size),
+if the cell printed ESCAPED. Every level runs its probes in a throwaway host process
+(escape_host.py), so that a probe that works (killing the host, forking) harms only that
+process; the probes' targets belong to it too. The `inprocess` level, which blocks nothing,
+shows that every probe can see its own success.
 
 The test suite runs the same probes and compares them with `expected()`.
 """
@@ -17,162 +19,194 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import select
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 __all__ = ["PROBES", "Probe", "expected", "main", "probe_level"]
 
-MEMORY_LIMIT = 1 << 30  # the worker levels' memory limit while probing
-_SECRET_NAME = "RLM_PROBE_SECRET"
+SECRET_NAME = "RLM_PROBE_SECRET"
 
 
 @dataclass(frozen=True)
 class Probe:
-    """One escape attempt. `code` is formatted with the throwaway host's facts (see `_facts`)."""
+    """One escape attempt. `code` is formatted with the throwaway host's facts (escape_host.Targets)."""
 
     name: str
     title: str
     code: str
 
 
+# Finds the context's descriptor (a regular file of the context's size) among the worker's own.
+_CONTEXT_FD = (
+    "import os, stat\n"
+    "def _context_fd():\n"
+    "    for name in os.listdir('/proc/self/fd'):\n"
+    "        try:\n"
+    "            info = os.fstat(int(name))\n"
+    "        except OSError:\n"
+    "            continue\n"
+    "        if stat.S_ISREG(info.st_mode) and info.st_size == {context_size}:\n"
+    "            return int(name)\n"
+    "    raise LookupError('no descriptor of the context')\n"
+)
+_LIBC = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+_ASYNC = "fcntl.fcntl({fd}, fcntl.F_SETFL, fcntl.fcntl({fd}, fcntl.F_GETFL) | os.O_ASYNC)\n"
+# setsid + double fork: the grandchild, in its own session with no parent, names itself (so
+# that the host can find it) and sleeps on.
+_ORPHAN = (
+    "import ctypes, os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+    "        ctypes.CDLL(None).prctl(15, b'{orphan_name}', 0, 0, 0)  # PR_SET_NAME\n        time.sleep(120)\n"
+    "    os._exit(0)\nos.wait()\ntime.sleep(0.2)\nprint('forked')\n"
+)
+
 PROBES = (
+    # reading what is not the worker's
     Probe("read_passwd", "read /etc/passwd",
           "print('ESCAPED' if 'root:' in open('/etc/passwd').read() else 'no')"),
     Probe("host_environ_file", "read the host's /proc/<pid>/environ",
           "data = open('/proc/{pid}/environ', 'rb').read()\nprint('ESCAPED' if b'{secret}' in data else 'no')"),
     Probe("host_env_secret", "see a secret from the host's environment",
           "import os\nprint('ESCAPED' if os.environ.get('{secret_name}') == '{secret}' else 'no')"),
+    Probe("stat_host_file", "learn a host file's size and times (stat)",
+          "import os\nprint('ESCAPED' if os.stat('{host_file}').st_size == {host_file_size} else 'no')"),
+    Probe("inotify_host_dir", "watch a host directory (inotify)",
+          _LIBC + "watcher = libc.inotify_init1(0)\n"
+          "if watcher < 0 or libc.inotify_add_watch(watcher, b'{outside}', 0xfff) < 0:\n"
+          "    raise OSError(ctypes.get_errno(), 'inotify')\nprint('ESCAPED')"),
+    Probe("sysv_shm", "read and remove the host's SysV shared memory",
+          _LIBC + "libc.shmat.restype = ctypes.c_void_p\nsegment = libc.shmget({shm_key}, 0, 0)\n"
+          "if segment < 0:\n    raise OSError(ctypes.get_errno(), 'shmget')\n"
+          "seen = ctypes.string_at(libc.shmat(segment, None, 0o10000), 32)\nlibc.shmctl(segment, 0, None)\n"
+          "print('ESCAPED' if seen == b'{secret}' else 'no')"),
+    Probe("sysv_msg", "drain the host's SysV message queue",
+          _LIBC + "queue = libc.msgget({msg_key}, 0)\nbuf = ctypes.create_string_buffer(128)\n"
+          "if queue < 0 or libc.msgrcv(queue, buf, 64, 0, 0o4000) < 0:\n"
+          "    raise OSError(ctypes.get_errno(), 'msgrcv')\nprint('ESCAPED')"),
+    # writing what is not the worker's
     Probe("write_outside", "write a file outside scratch",
           "with open('{outside}/written-by-model.txt', 'w') as f:\n    f.write('x')\nprint('ESCAPED')"),
+    Probe("chmod_host_file", "chmod a host file", "import os\nos.chmod('{host_file}', 0o777)"),
+    Probe("utime_host_file", "change a host file's times (utime)", "import os\nos.utime('{host_file}', (0, 0))"),
+    Probe("setxattr_host_file", "set an extended attribute on a host file",
+          "import os\nos.setxattr('{host_file}', 'user.rlm', b'x')"),
+    Probe("chown_host_file", "chown a host file", "import os\nos.chown('{host_file}', {other_uid}, -1)"),
+    Probe("hardlink_host_file", "hard-link a host file into scratch", "import os\nos.link('{host_file}', 'linked')"),
+    Probe("context_fchmod", "fchmod the context's descriptor",
+          _CONTEXT_FD + "os.fchmod(_context_fd(), 0o777)"),
+    Probe("context_reopen", "reopen the context read-write via /proc/self/fd",
+          _CONTEXT_FD + "with open(f'/proc/self/fd/{{_context_fd()}}', 'r+b') as f:\n    f.write(b'EVIL')"),
+    Probe("scratch_total", "fill scratch past its total (files each under the size limit)",
+          "try:\n    for i in range({pieces}):\n        with open(f'fill-{{i}}.bin', 'wb') as f:\n"
+          "            f.write(b'x' * {piece})\nexcept OSError as exc:\n    print('stopped:', exc)"),
+    # the network and the host's sockets
     Probe("tcp_loopback", "open a TCP connection to 127.0.0.1",
           "import socket\nsocket.create_connection(('127.0.0.1', {tcp_port}), timeout=3)\nprint('ESCAPED')"),
     Probe("unix_socket", "connect to a Unix socket of the host",
           "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('{unix_path}')\nprint('ESCAPED')"),
+    Probe("abstract_socket", "connect to an abstract Unix socket of the host",
+          "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0{abstract_stream}')\nprint('ESCAPED')"),
+    Probe("dgram_abstract", "socketpair(DGRAM) + sendto the host's abstract socket",
+          "import socket\na, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+          "a.sendto(b'x', '\\0{abstract_dgram}')"),
+    Probe("dgram_path", "socketpair(DGRAM) + sendmsg to the host's datagram socket",
+          "import socket\na, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+          "a.sendmsg([b'x'], [], 0, '{dgram_path}')"),
+    # other processes
+    Probe("signal_host", "send a signal to the host process", "import os, signal\nos.kill({pid}, signal.SIGUSR1)"),
+    Probe("fsetown_signal", "F_SETOWN + F_SETSIG: a signal to the host on I/O",
+          "import fcntl, os, signal\nr, w = os.pipe()\nfcntl.fcntl(r, fcntl.F_SETOWN, {pid})\n"
+          "fcntl.fcntl(r, 10, signal.SIGUSR1)  # F_SETSIG\n" + _ASYNC.format(fd="r") + "os.write(w, b'x')"),
+    Probe("fiosetown_signal", "ioctl(FIOSETOWN) + O_ASYNC: SIGIO to the host",
+          "import fcntl, os, socket, struct\na, b = socket.socketpair()\n"
+          "fcntl.ioctl(a.fileno(), 0x8901, struct.pack('i', {pid}))  # FIOSETOWN\n"
+          + _ASYNC.format(fd="a.fileno()") + "b.send(b'x')"),
+    Probe("fsetown_sigkill", "F_SETOWN_EX + F_SETSIG: SIGKILL to another process of the user",
+          "import fcntl, os, signal, struct\nr, w = os.pipe()\n"
+          "fcntl.fcntl(r, 15, struct.pack('ii', 1, {victim}))  # F_SETOWN_EX, F_OWNER_PID\n"
+          "fcntl.fcntl(r, 10, signal.SIGKILL)\n" + _ASYNC.format(fd="r") + "os.write(w, b'x')"),
+    Probe("host_priority", "lower the host's priority (setpriority)",
+          "import os\nos.setpriority(os.PRIO_PROCESS, {pid}, 19)"),
+    Probe("host_affinity", "pin the host to one CPU (sched_setaffinity)",
+          "import os\nos.sched_setaffinity({pid}, {{min(os.sched_getaffinity({pid}))}})"),
+    Probe("host_scheduler", "make the host SCHED_IDLE (sched_setscheduler)",
+          "import os\nos.sched_setscheduler({pid}, os.SCHED_IDLE, os.sched_param(0))"),
+    Probe("host_ioprio", "make the host's I/O idle (ioprio_set)",
+          _LIBC + "if libc.syscall({nr_ioprio_set}, 1, {pid}, 3 << 13) != 0:  # WHO_PROCESS, CLASS_IDLE\n"
+          "    raise OSError(ctypes.get_errno(), 'ioprio_set')"),
     Probe("run_program", "start a program (subprocess)",
           "import subprocess\nprint(subprocess.run(['echo', 'ESCAPED'], capture_output=True, text=True).stdout)"),
     Probe("fork_bomb", "fork processes (a fork bomb, bounded to 8)",
           "import os\nkids = []\nfor _ in range(8):\n    pid = os.fork()\n    if pid == 0:\n        os._exit(0)\n"
           "    kids.append(pid)\nfor pid in kids:\n    os.waitpid(pid, 0)\nprint('ESCAPED')"),
-    Probe("signal_host", "send a signal to the host process",
-          "import os, signal\nos.kill({pid}, signal.SIGUSR1)"),
+    # privileges and limits
+    Probe("capabilities", "hold capabilities (the worker's CapEff/CapPrm/CapAmb)", "pass"),
+    Probe("realtime", "make itself real-time (SCHED_FIFO)",
+          "import os\nos.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))"),
     Probe("raise_limits", "raise its resource limits",
           "import resource\ninf = resource.RLIM_INFINITY\nresource.setrlimit(resource.RLIMIT_AS, (inf, inf))\n"
           "print('ESCAPED')"),
-    Probe("memory", "allocate past the memory limit",
-          "block = bytes({too_much})\nprint('ESCAPED')"),
+    Probe("memory", "allocate past the memory limit", "block = bytes({too_much})\nprint('ESCAPED')"),
+    # processes that outlive the worker (each in a session of its own, judged after it ends)
+    Probe("orphan_on_close", "a setsid + double-forked process outlives the session", _ORPHAN),
+    Probe("orphan_after_crash", "... and outlives a worker that crashes", _ORPHAN + "os.kill(os.getpid(), 9)"),
 )
 
+# Probes that succeed only with a capability (bit numbers of linux/capability.h).
+_NEEDS_CAPABILITY = {"chown_host_file": 0, "realtime": 23}
 
-def expected(level: str) -> set[str]:
-    """Names of the probes that are NOT blocked at `level` (all others must be)."""
+
+def expected(level: str, capabilities: int | None = None) -> set[str]:
+    """Names of the probes that are NOT blocked at `level` (all others must be).
+
+    `capabilities`: the effective capability bits of the host that runs the probes (default:
+    this process's own; 0 for an unprivileged user).
+    """
+    held = own_capabilities() if capabilities is None else capabilities
     everything = {probe.name for probe in PROBES}
+    lacking = {name for name, bit in _NEEDS_CAPABILITY.items() if not held >> bit & 1}
+    lacking |= set() if held else {"capabilities"}
     if level == "inprocess":
-        return everything
+        return everything - lacking
     if level == "subprocess":
-        # Only the environment is scrubbed and the limits set; a hard limit can be raised
-        # back only with CAP_SYS_RESOURCE (root outside a container, say).
-        escaped = everything - {"host_env_secret", "memory", "raise_limits"}
-        return escaped | ({"raise_limits"} if _has_capability(_CAP_SYS_RESOURCE) else set())
+        # Not a security boundary: only the environment is scrubbed, the limits set (a hard
+        # limit can be raised back only with CAP_SYS_RESOURCE), and whatever model code starts
+        # is killed with the worker (but not when the worker itself crashes: its orphans then
+        # go to init).
+        blocked = {"host_env_secret", "memory", "orphan_on_close"}
+        blocked |= set() if held >> 24 & 1 else {"raise_limits"}
+        return everything - blocked - lacking
+    if level == "strict":
+        return {"stat_host_file"}  # Landlock does not mediate stat (see strict.py)
     return set()
 
 
-_CAP_SYS_RESOURCE = 24
-
-
-def _has_capability(bit: int) -> bool:
-    """Whether this process (and so a worker it starts) holds a Linux capability."""
+def own_capabilities() -> int:
+    """The effective capability bits of this process."""
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:
             if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> bit & 1)
-    return False
+                return int(line.split()[1], 16)
+    return 0
 
 
-def probe_level(level: str, timeout: float = 120.0) -> dict[str, dict]:
+def probe_level(level: str, timeout: float = 120.0, user: int | None = None) -> dict[str, dict]:
     """Run every probe against `level` in a throwaway host; {probe name: {'escaped', 'detail'}}.
 
+    `user`: run the throwaway host as this uid (and gid, no other groups); needs root.
     Raises RuntimeError (with the host's output) if the level could not be probed at all.
     """
-    env = {**os.environ, _SECRET_NAME: secrets.token_hex(16)}
+    env = {**os.environ, SECRET_NAME: secrets.token_hex(16)}
+    as_user = {} if user is None else {"user": user, "group": user, "extra_groups": []}
     done = subprocess.run(
-        [sys.executable, "-m", "rlm.sandbox.escapes", "--host", level],
-        capture_output=True, text=True, env=env, timeout=timeout, check=False,
+        [sys.executable, "-m", "rlm.sandbox.escape_host", level],
+        capture_output=True, text=True, env=env, timeout=timeout, check=False, cwd="/", **as_user,
     )
     if done.returncode != 0 or not done.stdout.strip():
-        raise RuntimeError(f"probing {level!r} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+        who = "" if user is None else f" as uid {user}"
+        raise RuntimeError(f"probing {level!r}{who} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-# -- the throwaway host ------------------------------------------------------------------------
-
-
-class _Targets:
-    """What the probes aim at, owned by the throwaway host."""
-
-    def __init__(self) -> None:
-        self.signals: list[int] = []
-        signal.signal(signal.SIGUSR1, lambda signum, frame: self.signals.append(signum))
-        self.outside = tempfile.mkdtemp(prefix="rlm-escape-")
-        self.tcp = socket.create_server(("127.0.0.1", 0))
-        self.unix_path = os.path.join(self.outside, "host.sock")
-        self.unix = socket.socket(socket.AF_UNIX)
-        self.unix.bind(self.unix_path)
-        self.unix.listen()
-
-    def facts(self) -> dict[str, object]:
-        return {
-            "pid": os.getpid(), "secret": os.environ[_SECRET_NAME], "secret_name": _SECRET_NAME,
-            "outside": self.outside, "tcp_port": self.tcp.getsockname()[1], "unix_path": self.unix_path,
-            "too_much": 2 * MEMORY_LIMIT,
-        }
-
-    def saw_effect(self, probe: Probe) -> bool:
-        """Whether the host saw the probe succeed (and undo it, for the next probe)."""
-        if probe.name == "signal_host":
-            seen, self.signals[:] = bool(self.signals), []
-            return seen
-        if probe.name == "write_outside":
-            path = os.path.join(self.outside, "written-by-model.txt")
-            seen = os.path.exists(path)
-            if seen:
-                os.remove(path)
-            return seen
-        listener = {"tcp_loopback": self.tcp, "unix_socket": self.unix}.get(probe.name)
-        if listener is None or not select.select([listener], [], [], 0.05)[0]:
-            return False
-        listener.accept()[0].close()
-        return True
-
-    def close(self) -> None:
-        self.tcp.close()
-        self.unix.close()
-        for name in os.listdir(self.outside):
-            os.remove(os.path.join(self.outside, name))
-        os.rmdir(self.outside)
-
-
-def _serve_as_host(level: str) -> dict[str, dict]:
-    from rlm.sandbox import SandboxLimits, create_sandbox
-
-    targets = _Targets()
-    limits = None if level == "inprocess" else SandboxLimits(memory=MEMORY_LIMIT)
-    results: dict[str, dict] = {}
-    try:
-        with create_sandbox(level, lambda kind, prompts: ["" for _ in prompts], limits) as box:
-            for probe in PROBES:
-                outcome = box.run(probe.code.format(**targets.facts()), timeout=20, max_output=2000)
-                escaped = "ESCAPED" in outcome.stdout or targets.saw_effect(probe)
-                detail = (outcome.error or outcome.stdout or "").strip().splitlines()
-                results[probe.name] = {"escaped": escaped, "detail": detail[-1] if detail else ""}
-    finally:
-        targets.close()
-    return results
 
 
 def _table(levels: list[str], outcomes: dict[str, dict[str, dict] | str]) -> str:
@@ -193,15 +227,13 @@ def _table(levels: list[str], outcomes: dict[str, dict[str, dict] | str]) -> str
 def main(argv: list[str] | None = None) -> int:
     """Print the table for every level (levels this machine cannot provide say why)."""
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["--host"]:
-        print(json.dumps(_serve_as_host(args[1])))
-        return 0
+    user = int(args[1]) if args[:1] == ["--as-user"] and len(args) > 1 else None
     from rlm.sandbox import SANDBOXES
 
     levels = ["inprocess", "subprocess", *(name for name in SANDBOXES if name not in ("inprocess", "subprocess"))]
     outcomes: dict[str, dict[str, dict] | str] = {}
     with ThreadPoolExecutor(max_workers=len(levels)) as pool:
-        futures = {level: pool.submit(probe_level, level) for level in levels}
+        futures = {level: pool.submit(probe_level, level, user=user) for level in levels}
         for level, future in futures.items():
             try:
                 outcomes[level] = future.result()

@@ -40,7 +40,7 @@ _ANSWER_TIMEOUT = 30.0  # seconds the server may take to fork (or reap) before i
 # Imported once in the server, so that no worker imports them again (and, on a spawn that
 # asks for them, the modules its confinement needs: see spawn()).
 _PRELOAD = ("rlm.sandbox.worker", "rlm.sandbox.confine", "rlm.sandbox.protocol", "rlm.sandbox.textfile",
-            "rlm.sandbox.integrity", "shutil", "select", "socket")
+            "rlm.sandbox.integrity", "rlm.sandbox.subcalls", "shutil", "select", "socket", "fcntl")
 
 
 # -- the host side ----------------------------------------------------------------------------

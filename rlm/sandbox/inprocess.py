@@ -13,11 +13,12 @@ A `str` context is also kept encoded, as `context_bytes`: twice its size in memo
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import threading
 import time
 
-from rlm.errors import ConfigError
+from rlm.errors import ConfigError, ContextError
 from rlm.sandbox.base import (
     ContextSource,
     ExecResult,
@@ -25,6 +26,7 @@ from rlm.sandbox.base import (
     Sandbox,
     SandboxLimits,
     SubCallFailed,
+    child_queries,
     result_from_session,
 )
 from rlm.sandbox.worker import LLMQueryError, Session
@@ -70,9 +72,10 @@ class InProcessSandbox(Sandbox):
                 "use sandbox='subprocess' (or 'strict' / 'bwrap') with limits"
             )
 
-    def _call_bridge(self, kind: str, prompts: list[str]) -> list[str]:
+    def _call_bridge(self, kind: str, prompts: list) -> list[str]:
+        items = child_queries(prompts, []) if kind.startswith("rlm_") else prompts
         try:
-            return self._bridge(kind, prompts)
+            return self._bridge(kind, items)
         except SubCallFailed as exc:
             raise LLMQueryError(str(exc)) from None
         except Exception as exc:
@@ -85,6 +88,14 @@ class InProcessSandbox(Sandbox):
         session = self._require()
         if source.path is not None:
             return session.load_context_fd(os.open(source.path, os.O_RDONLY), source.fmt)
+        if source.handle is not None:
+            return session.load_context_fd(os.dup(source.handle), source.fmt)
+        if source.json_text is not None:
+            try:
+                value = json.loads(source.json_text)
+            except (ValueError, RecursionError) as exc:
+                raise ContextError(f"the context is not JSON that can be loaded: {exc}") from None
+            return session.set_context(value)
         raw = source.value.encode("utf-8", "surrogatepass") if isinstance(source.value, str) else None
         return session.set_context(source.value, raw)
 
@@ -107,7 +118,7 @@ class InProcessSandbox(Sandbox):
         failure, self._host_failure = self._host_failure, None
         if failure is not None:
             raise failure
-        return result_from_session(outcome, timed_out=watchdog.fired, timeout=timeout)
+        return result_from_session(outcome, timed_out=watchdog.fired, timeout=timeout, max_output=max_output)
 
     def get_variable(self, name: str) -> dict:
         return self._require().get_variable(name)

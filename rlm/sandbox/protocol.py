@@ -1,4 +1,4 @@
-"""The wire format between the host and a REPL worker: length-prefixed JSON frames.
+"""The wire format between the host and a REPL worker: length-prefixed JSON frames, their schema and caps.
 
 A frame is a 4-byte big-endian unsigned length followed by that many bytes of UTF-8 JSON
 holding one object with an "op" key. JSON, never pickle: the worker runs untrusted code,
@@ -10,84 +10,307 @@ Worker -> host ops: "hello" (its pid as it sees it), "ready" (confined, serving)
 "result", "var", "error", "llm_query" (sent while a cell runs).
 
 Start-up: the worker sends "hello"; the host answers "setup"; the worker applies it and says
-"ready". Files (the context) do not travel in frames: the host opens them and passes the
-descriptor over a Unix socket pair (SCM_RIGHTS), so a confined worker needs no path to them
-and the host never reads them. The worker's first byte on that socket carries its
-credentials, which tell the host the worker's pid in the host's own pid namespace.
+"ready". Every later request ("exec", "load_context", "get_var") carries an "id"; the reply,
+and every "llm_query" sent while an "exec" runs, carry the id of that request.
 
-This module imports only the standard library: it is loaded inside the worker.
+Files (the context) do not travel in frames: the host opens them and passes the descriptor
+over a Unix socket pair (SCM_RIGHTS), so a confined worker needs no path to them and the
+host never reads them. The worker's first byte on that socket carries its credentials, which
+tell the host the worker's pid in the host's own pid namespace. The other way, an
+`rlm_query` context too large for a frame goes as a sealed memory file (memfd: no more
+writes, growing or shrinking), one per item marked "file", sent on that socket before the
+frame that announces it.
+
+The worker is untrusted: model code can write any bytes on its pipe. Everything the host
+accepts is declared below, once: the caps (`WORKER_FRAME_CAP` and the others) and the table
+`WORKER_FRAMES` (op -> field -> type and cap), checked by `FrameReader` before a frame is
+returned. A frame that breaks them raises `ProtocolViolation`; the host then stops that
+worker. Parsing the worst frame under the caps costs the host about 30 MiB at most (the
+body, its decoded text and at most `MAX_JSON_ITEMS` small objects).
+
+This module imports only the standard library and `rlm._text`: it is loaded inside the worker.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
+from dataclasses import dataclass
 
-__all__ = ["MAX_FRAME", "encode_frame", "FrameReader", "write_frame", "ProtocolError"]
+from rlm._text import truncate_middle
+
+__all__ = [
+    "CUT_ROOM", "FrameReader", "HOST_FRAMES", "HOST_FRAME_CAP", "MAX_ANSWER_CHARS", "MAX_BATCH", "MAX_CONTEXT_FILE",
+    "MAX_ERROR_CHARS", "MAX_JSON_ITEMS", "MAX_NAMES", "ProtocolError", "ProtocolViolation", "SUB_CALL_KINDS",
+    "WORKER_FRAMES", "WORKER_FRAME_CAP", "encode_frame", "fit_frame", "write_bytes", "write_frame",
+]
 
 _HEADER = struct.Struct(">I")
-MAX_FRAME = 1 << 30  # 1 GiB: far above anything sane, low enough to refuse a corrupt length
+MiB = 1 << 20
+
+# -- the caps ---------------------------------------------------------------------------------
+
+WORKER_FRAME_CAP = 4 * MiB  # bytes of one worker -> host frame
+HOST_FRAME_CAP = 1 << 30  # bytes of one host -> worker frame (the host is the trusted side)
+MAX_JSON_ITEMS = 100_000  # separators ("," "[" "{") outside strings in one worker frame
+MAX_ANSWER_CHARS = 1_000_000  # a FINAL / FINAL_VAR answer, a variable's value
+MAX_ERROR_CHARS = 100_000  # the error text of a cell or a request
+MAX_BATCH = 10_000  # prompts (or rlm_query items) in one llm_query frame
+MAX_NAMES = 1_000  # variable names listed when a variable is not found
+MAX_CONTEXT_FILE = 2 << 30  # bytes of a sealed context file passed with an rlm_query
+CUT_ROOM = 200  # characters a cut's marker adds (rlm._text.omission_marker)
+
+SUB_CALL_KINDS = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched")
 
 
 class ProtocolError(Exception):
-    """The other side sent bytes that are not a valid frame, or closed the pipe."""
+    """The other side closed the pipe, or sent something that is not a valid frame."""
 
 
-def encode_frame(message: dict) -> bytes:
-    """Encode one message as a frame."""
+class ProtocolViolation(ProtocolError):
+    """The other side sent a frame that breaks the wire format, the schema or a cap."""
+
+
+# -- the schema -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """What one field of a frame may hold: JSON types (as Python types), a length cap, list items."""
+
+    types: tuple[type, ...]
+    cap: int | None = None  # most characters (a str) or items (a list)
+    items: tuple[type, ...] | None = None  # the types a list's items may have
+    required: bool = True
+    choices: tuple[str, ...] | None = None
+
+
+_NONE = type(None)
+_ID = Field((int,))
+_TEXT = Field((str,))
+_BOOL = Field((bool,))
+_COUNT = Field((int,))
+_ITEM = {  # one rlm_query: the question and its context (text, JSON text, or a sealed file)
+    "query": _TEXT,
+    "context": Field((str, _NONE)),
+    "format": Field((str,), choices=("text", "json")),
+    "file": _BOOL,
+}
+
+# Worker -> host: every frame the host accepts. A field not listed here is a violation too.
+WORKER_FRAMES: dict[str, dict[str, Field]] = {
+    "hello": {"pid": _COUNT},
+    "ready": {"pid": _COUNT},
+    "result": {
+        "id": _ID, "stdout": _TEXT, "stderr": _TEXT, "error": Field((str, _NONE)), "final": Field((str, _NONE)),
+        "interrupted": _BOOL, "duration": Field((int, float)),
+    },
+    "context": {
+        "id": _ID, "type": Field((str,), cap=200), "total_length": _COUNT, "chunk_count": _COUNT,
+        "chunk_lengths": Field((list,), cap=100, items=(int,)),
+    },
+    "var": {
+        "id": _ID, "found": _BOOL, "value": Field((str, _NONE), required=False),
+        "names": Field((list,), cap=MAX_NAMES, items=(str,), required=False),
+        "error": Field((str,), required=False),
+    },
+    "error": {"id": _ID, "error": _TEXT},
+    "llm_query": {
+        "id": _ID, "kind": Field((str,), choices=SUB_CALL_KINDS),
+        # prompts (str) for the llm kinds, _ITEM objects for the rlm kinds: see _check_sub_call
+        "prompts": Field((list,), cap=MAX_BATCH),
+    },
+}
+
+# Host -> worker, checked by the worker (a failure there is a bug of ours). None: any fields
+# (the setup frame is checked by confine.apply).
+HOST_FRAMES: dict[str, dict[str, Field] | None] = {
+    "setup": None,
+    "exec": {"id": _ID, "code": _TEXT, "max_output": _COUNT},
+    "load_context": {
+        "id": _ID, "value": Field((_NONE,), required=False), "text": Field((str,), required=False),
+        "json": Field((str,), required=False), "format": Field((str,), required=False),
+    },
+    "get_var": {"id": _ID, "name": _TEXT},
+    "llm_result": {
+        "id": _ID, "results": Field((list,), items=(str,), required=False), "error": Field((str,), required=False),
+    },
+    "shutdown": {},
+}
+
+
+def check_frame(message: object, table: dict) -> dict:
+    """`message` if it is an object whose "op" is in `table` and whose fields match; else ProtocolViolation."""
+    if type(message) is not dict or type(message.get("op")) is not str:
+        raise ProtocolViolation("a frame that is not an object with an 'op' string")
+    op = message["op"]
+    if op not in table:
+        raise ProtocolViolation(f"unknown op {op[:40]!r}")
+    fields = table[op]
+    if fields is None:
+        return message
+    for name in message.keys() - fields.keys() - {"op"}:
+        raise ProtocolViolation(f"a {op!r} frame with an unknown field {name[:40]!r}")
+    for name, field in fields.items():
+        if name in message:
+            _check_value(message[name], field, f"field {name!r} of a {op!r} frame")
+        elif field.required:
+            raise ProtocolViolation(f"a {op!r} frame without its {name!r} field")
+    if op == "llm_query":
+        _check_sub_call(message)
+    return message
+
+
+def _check_value(value: object, field: Field, where: str) -> None:
+    if type(value) not in field.types:
+        names = " or ".join("null" if kind is _NONE else kind.__name__ for kind in field.types)
+        raise ProtocolViolation(f"{where} is a {type(value).__name__}, not {names}")
+    if field.cap is not None and len(value) > field.cap:  # type: ignore[arg-type]
+        raise ProtocolViolation(f"{where} has a length of {len(value):,}, over its cap of {field.cap:,}")  # type: ignore[arg-type]
+    if field.choices is not None and value not in field.choices:
+        raise ProtocolViolation(f"{where} is {str(value)[:40]!r}, not one of {', '.join(field.choices)}")
+    if field.items is not None:
+        for item in value:  # type: ignore[union-attr]
+            if type(item) not in field.items:
+                raise ProtocolViolation(f"{where} holds a {type(item).__name__}")
+
+
+def _check_sub_call(message: dict) -> None:
+    kind, prompts = message["kind"], message["prompts"]
+    if not prompts or (not kind.endswith("_batched") and len(prompts) != 1):
+        raise ProtocolViolation(f"an {kind!r} request with {len(prompts)} prompts")
+    if kind.startswith("llm_"):
+        _check_value(prompts, Field((list,), items=(str,)), f"the prompts of an {kind!r} request")
+        return
+    for item in prompts:
+        if type(item) is not dict or item.keys() != _ITEM.keys():
+            raise ProtocolViolation(f"an {kind!r} item that is not an object with the fields {', '.join(_ITEM)}")
+        for name, field in _ITEM.items():
+            _check_value(item[name], field, f"field {name!r} of an {kind!r} item")
+        if item["file"] and item["context"] is not None:
+            raise ProtocolViolation(f"an {kind!r} item with both a context file and a context text")
+
+
+# -- frames -----------------------------------------------------------------------------------
+
+
+def encode_frame(message: dict, limit: int = HOST_FRAME_CAP) -> bytes:
+    """Encode one message as a frame; ProtocolError if it is over `limit` bytes."""
     # "replace": a lone surrogate made by model code becomes "?" here, so no text that cannot
     # be encoded as UTF-8 (by the HTTP client, the trace writer) ever reaches the host.
     body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
-    if len(body) > MAX_FRAME:
-        raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME} byte limit")
+    if len(body) > limit:
+        raise ProtocolError(f"frame of {len(body):,} bytes exceeds the {limit:,} byte limit")
     return _HEADER.pack(len(body)) + body
 
 
-def write_frame(fd: int, message: dict) -> None:
-    """Write one message to a file descriptor, all of it."""
-    view = memoryview(encode_frame(message))
+def fit_frame(message: dict, fields: tuple[str, ...], limit: int = WORKER_FRAME_CAP) -> bytes:
+    """Encode `message`, cutting the middle of the longest of its text `fields` until it fits `limit`."""
+    while True:
+        try:
+            return encode_frame(message, limit)
+        except ProtocolError:
+            texts = [name for name in fields if isinstance(message.get(name), str)]
+            if not texts:
+                raise
+            longest = max(texts, key=lambda name: len(message[name]))
+            text = message[longest]
+            size = len(json.dumps(message, ensure_ascii=False).encode("utf-8", "replace"))
+            # Every character is at least one byte: cutting the excess in characters always helps.
+            message[longest] = truncate_middle(text, max(0, len(text) - (size - limit) - 2 * CUT_ROOM))
+
+
+def write_bytes(fd: int, frame: bytes) -> None:
+    """Write an encoded frame to a file descriptor, all of it."""
+    view = memoryview(frame)
     while view:
         written = os.write(fd, view)
         view = view[written:]
 
 
-class FrameReader:
-    """Reads frames from a file descriptor, optionally waiting no longer than a deadline."""
+def write_frame(fd: int, message: dict, limit: int = HOST_FRAME_CAP) -> None:
+    """Write one message to a file descriptor, all of it."""
+    write_bytes(fd, encode_frame(message, limit))
 
-    def __init__(self, fd: int) -> None:
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+# The rest of a JSON string after its opening quote. Matched at one position only (never
+# searched), it is linear even on an unterminated string.
+_COUNT_ABOVE = 256 << 10  # bytes: a smaller frame expands to a few MiB at most, however dense
+_STRING_REST = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def _check_items(body: bytearray, cap: int) -> None:
+    """ProtocolViolation if `body` has more than `cap` separators outside strings.
+
+    Each JSON value past the first follows a "," "[" or "{", so this bounds the objects the
+    parser makes (an empty dict costs 64 bytes for 3 bytes of input). A frame of at most
+    `_COUNT_ABOVE` bytes is not counted: whatever it holds costs a few MiB. Counting everywhere
+    is one pass in C; the exact count, skipping strings, runs only when that one is too high.
+    """
+    if len(body) <= _COUNT_ABOVE or body.count(b",") + body.count(b"[") + body.count(b"{") <= cap:
+        return
+    count, position = 0, 0
+    while True:
+        quote = body.find(b'"', position)
+        end = len(body) if quote < 0 else quote
+        count += body.count(b",", position, end) + body.count(b"[", position, end) + body.count(b"{", position, end)
+        if count > cap:
+            raise ProtocolViolation(f"a frame with more than {cap:,} JSON values (the cap)")
+        rest = _STRING_REST.match(body, quote + 1) if quote >= 0 else None
+        if rest is None:
+            return  # no more strings (or one never closed: the parser says so)
+        position = rest.end()
+
+
+class FrameReader:
+    """Reads frames from a file descriptor, optionally waiting no longer than a deadline.
+
+    `limit` caps a frame's length (refused from its header, before the body is read);
+    `max_items` caps the JSON values in it; `schema` (an op -> fields table) is checked
+    before a frame is returned. At most one frame is buffered.
+    """
+
+    def __init__(
+        self, fd: int, *, limit: int = HOST_FRAME_CAP, max_items: int | None = None, schema: dict | None = None
+    ) -> None:
         self.fd = fd
-        self._buffer = bytearray()
+        self.limit = limit
+        self.max_items = max_items
+        self.schema = schema
+        self._header = b""
+        self._body: bytearray | None = None
+        self._got = 0
 
     def read(self, deadline: float | None = None) -> dict | None:
         """Return the next message, or None if `deadline` (time.monotonic) passes first.
 
-        Raises ProtocolError on end of file or a corrupt frame.
+        Raises ProtocolViolation on a frame that breaks the format, a cap or the schema, and
+        ProtocolError on end of file.
         """
-        while True:
-            message = self._take()
-            if message is not None:
-                return message
+        while self._body is None or self._got < len(self._body):
             if not self._fill(deadline):
                 return None
-
-    def _take(self) -> dict | None:
-        if len(self._buffer) < _HEADER.size:
-            return None
-        (length,) = _HEADER.unpack_from(self._buffer)
-        if length > MAX_FRAME:
-            raise ProtocolError(f"corrupt frame header (length {length})")
-        end = _HEADER.size + length
-        if len(self._buffer) < end:
-            return None
-        body = bytes(self._buffer[_HEADER.size : end])
-        del self._buffer[:end]
+        body, self._body, self._header = self._body, None, b""
+        if self.max_items is not None:
+            _check_items(body, self.max_items)
+        text = body.decode("utf-8", "replace")
+        del body  # the parser's objects may take its place
         try:
-            message = json.loads(body.decode("utf-8", "replace"))
-        except ValueError as exc:
-            raise ProtocolError(f"frame is not valid JSON: {exc}") from None
-        if not isinstance(message, dict) or "op" not in message:
-            raise ProtocolError("frame is not an object with an 'op' key")
+            message = _DECODER.decode(text)
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolViolation(f"a frame that is not valid JSON ({str(exc)[:100]})") from None
+        del text
+        if self.schema is not None:
+            return check_frame(message, self.schema)
+        if type(message) is not dict or "op" not in message:
+            raise ProtocolViolation("a frame that is not an object with an 'op' key")
         return message
 
     def _fill(self, deadline: float | None) -> bool:
@@ -101,8 +324,20 @@ class FrameReader:
             ready, _, _ = select.select([self.fd], [], [], remaining)
             if not ready:
                 return False
-        chunk = os.read(self.fd, 1 << 20)
-        if not chunk:
+        if self._body is None:
+            chunk = os.read(self.fd, _HEADER.size - len(self._header))
+            if not chunk:
+                raise ProtocolError("end of stream: the other side closed the pipe")
+            self._header += chunk
+            if len(self._header) == _HEADER.size:
+                (length,) = _HEADER.unpack(self._header)
+                if length > self.limit:
+                    raise ProtocolViolation(f"a frame of {length:,} bytes, over the cap of {self.limit:,}")
+                self._body, self._got = bytearray(length), 0
+            return True
+        with memoryview(self._body) as view:
+            got = os.readv(self.fd, [view[self._got :]])
+        if not got:
             raise ProtocolError("end of stream: the other side closed the pipe")
-        self._buffer += chunk
+        self._got += got
         return True

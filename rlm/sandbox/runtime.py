@@ -1,6 +1,7 @@
 """What of the host's file system a confined worker needs to see: Python, its libraries, our package.
 
-Shared by `strict` (as Landlock read rules) and `bwrap` (as read-only mounts). Nothing here
+Shared by `strict` (as Landlock read rules) and `bwrap` (as read-only mounts, and Landlock
+rules inside them). Nothing here
 holds user data: no /etc (beyond the loader's cache), /home, /root, /tmp, /run or /proc.
 """
 
@@ -13,11 +14,24 @@ from collections.abc import Iterable
 
 from rlm.sandbox.subprocess import package_root
 
-__all__ = ["SYSTEM_DIRS", "package_dir", "python_dirs", "top_level"]
+__all__ = ["SCRATCH_SLACK", "SYSTEM_DIRS", "SYSTEM_FILES", "package_dir", "python_dirs", "top_level"]
 
 # Shared libraries the interpreter and its extension modules load (on merged-/usr systems
 # the top-level ones are symbolic links into /usr).
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32")
+# Read-only files a Python program commonly needs that hold nothing private (Landlock rules;
+# under bwrap those that are mounted).
+SYSTEM_FILES = (
+    "/etc/ld.so.cache",  # where the loader finds shared libraries
+    "/usr/share/zoneinfo",  # time zones (/etc/localtime points in here)
+    "/dev/urandom",
+    "/dev/random",
+    "/sys/devices/system/cpu",  # os.cpu_count() and friends
+    "/proc/self",  # the worker's own entry (its memory use, say): opened, it is /proc/<its pid>
+)
+# Room in an in-memory scratch beyond the file-size limit, so that one file at the limit fails
+# as too large (EFBIG), not as a full disk.
+SCRATCH_SLACK = 1 << 20
 
 
 def python_dirs() -> list[str]:

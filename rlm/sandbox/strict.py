@@ -1,19 +1,32 @@
-"""The `strict` level: the worker process confined by Landlock and seccomp. No privileges needed.
+"""The `strict` level: the worker process confined by Landlock, seccomp and namespaces. No privileges needed.
 
 Before it runs any model code the worker (see confine.py) restricts itself with:
 
+- namespaces where the machine allows them (as root, or through an unprivileged user
+  namespace): its own IPC namespace (no SysV shared memory or queues of the host's), its own
+  network namespace (no network, not even the host's abstract Unix sockets), and its own
+  mount namespace with a tmpfs over its scratch directory holding at most about the
+  file-size limit in all. Where they are refused it goes on without them: there is then no
+  total size for scratch, only the per-file limit.
+- no capabilities, also when the host runs as root, and no_new_privs.
 - Landlock: it may read only the Python installation, the system's shared libraries, time
   zones, our package, its own /proc entry and its scratch directory, and write only to the
-  scratch directory (and /dev/null). Nothing anywhere may be executed. The context file
-  needs no rule: the host passes it already open. If the host dies, the worker can empty
-  its scratch directory but not remove it (that would need a right on /tmp itself).
-- seccomp (seccomp.py): no sockets, no new programs or processes, no signals to other
-  processes, no ptrace, no raising of resource limits.
+  scratch directory (and /dev/null). Nothing anywhere may be executed, no TCP, and (Landlock
+  ABI 6+) no signal or abstract Unix socket reaches outside. The context file needs no rule:
+  the host passes it already open, and reopening it through /proc/self/fd is refused. If the
+  host dies, the worker can empty its scratch directory but not remove it.
+- seccomp (seccomp.py): an allow list of what Python needs, so no sockets, programs,
+  processes, signals or scheduling changes aimed at other processes, SysV IPC, metadata
+  changes (chmod, chown, utime, xattr), inotify, ptrace, or raising of limits.
 - the resource limits of `SandboxLimits`, set so that they cannot be raised again.
 
-Needs Linux 5.13+ with Landlock enabled, libseccomp, and the `landlock` and `pyseccomp`
-packages (`pip install 'rlm[strict]'`); without them it fails when created, saying what is
-missing. It costs about 20 ms more than `subprocess` to start, nothing per cell.
+What still leaks: Landlock does not mediate `stat`, so model code can learn whether a host
+path exists, its size, owner and times (not its content, nor a directory's listing). The
+`bwrap` level, which mounts only what the worker needs, does not leak that.
+
+Needs Linux 5.13+ with Landlock enabled, libseccomp and the `pyseccomp` package
+(`pip install 'rlm[strict]'`); without them it fails when created, saying what is missing.
+It costs a few ms more than `subprocess` to start, nothing per cell.
 """
 
 from __future__ import annotations
@@ -24,22 +37,11 @@ from functools import lru_cache
 from typing import Any
 
 from rlm.errors import SandboxUnavailable
-from rlm.sandbox import seccomp
-from rlm.sandbox.runtime import SYSTEM_DIRS, package_dir, python_dirs, top_level
+from rlm.sandbox import kernel, seccomp
+from rlm.sandbox.runtime import SCRATCH_SLACK, SYSTEM_DIRS, SYSTEM_FILES, package_dir, python_dirs, top_level
 from rlm.sandbox.subprocess import SubprocessSandbox
 
 __all__ = ["StrictSandbox", "landlock_abi"]
-
-# Read-only files a Python program commonly needs that hold nothing private.
-_SYSTEM_FILES = (
-    "/etc/ld.so.cache",  # where the loader finds shared libraries
-    "/usr/share/zoneinfo",  # time zones (/etc/localtime points in here)
-    "/dev/urandom",
-    "/dev/random",
-    "/sys/devices/system/cpu",  # os.cpu_count() and friends
-    "/proc/self",  # the worker's own entry (its memory use, say): opened, it is /proc/<its pid>
-)
-
 
 @lru_cache(maxsize=1)
 def landlock_abi() -> int:
@@ -47,13 +49,7 @@ def landlock_abi() -> int:
     if not sys.platform.startswith("linux"):
         raise SandboxUnavailable(f"the strict sandbox needs Linux (Landlock and seccomp); this is {sys.platform}")
     try:
-        import landlock
-    except ImportError:
-        raise SandboxUnavailable(
-            "the strict sandbox needs the `landlock` package: install it with `pip install 'rlm[strict]'`"
-        ) from None
-    try:
-        abi = landlock.landlock_abi_version()
+        abi = kernel.landlock_abi()
     except OSError as exc:
         raise SandboxUnavailable(
             f"the strict sandbox needs Landlock, which this kernel does not offer ({exc}). It needs Linux 5.13 "
@@ -61,7 +57,7 @@ def landlock_abi() -> int:
             "parameter); use sandbox='bwrap' where bubblewrap is installed"
         ) from None
     seccomp.require()
-    return int(abi)
+    return abi
 
 
 class StrictSandbox(SubprocessSandbox):
@@ -69,14 +65,18 @@ class StrictSandbox(SubprocessSandbox):
 
     name = "strict"
     isolated = True
-    _preload = ("landlock", "pyseccomp")
 
     @classmethod
     def check_platform(cls) -> None:
         landlock_abi()
 
     def _confinement(self, worker_pid: int) -> dict[str, Any]:
-        read = top_level([*python_dirs(), *SYSTEM_DIRS, package_dir(), *_SYSTEM_FILES])
+        read = top_level([*python_dirs(), *SYSTEM_DIRS, package_dir(), *SYSTEM_FILES])
         write = [str(self._held.scratch), "/dev/null"]
-        program = seccomp.compile_filter(worker_pid)
-        return {"landlock": {"read": read, "write": write}, "seccomp": base64.b64encode(program).decode("ascii")}
+        size = self.limits.file_size
+        return {
+            "isolate": {"scratch_size": None if size is None else size + SCRATCH_SLACK},
+            "drop_privileges": True,
+            "landlock": {"read": read, "write": write},
+            "seccomp": base64.b64encode(seccomp.compile_filter(worker_pid)).decode("ascii"),
+        }

@@ -16,6 +16,12 @@ first written once, in 16 MiB pieces, to an unnamed temporary file on disk, whic
 frees when the last descriptor to it closes, whatever happens to either process. Model
 code's scratch directory is removed on close, or by the worker itself if the host dies.
 
+The worker is untrusted whatever the level: every frame it sends is checked against the
+schema and caps of protocol.py, and matched to the request in flight by an id it cannot
+guess ahead. A frame that breaks them stops that worker: a cell reports it (the worker is
+replaced, as after a crash), another request raises SandboxError. Its stderr is a pipe kept
+bounded in memory (workerio.py).
+
 The confined levels (`strict`, `bwrap`) are subclasses: they change how the worker is
 launched and what confinement it applies to itself before it says it is ready.
 """
@@ -25,9 +31,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import shutil
 import signal
-import site
 import socket
 import struct
 import subprocess
@@ -36,14 +42,11 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any, Callable
 
-import rlm
 from rlm._text import is_utf8
-from rlm.errors import SandboxError
+from rlm.errors import ContextError, SandboxError
 from rlm.sandbox.base import (
     ContextSource,
     ExecResult,
@@ -51,51 +54,37 @@ from rlm.sandbox.base import (
     Sandbox,
     SandboxLimits,
     SubCallFailed,
+    child_queries,
     result_from_session,
 )
-from rlm.sandbox import forkserver
-from rlm.sandbox.protocol import FrameReader, ProtocolError, write_frame
+from rlm.sandbox import forkserver, kernel
+from rlm.sandbox.launch import Launch, disk_tempdir, package_root, scrubbed_env, worker_path
+from rlm.sandbox.protocol import (
+    MAX_JSON_ITEMS,
+    WORKER_FRAME_CAP,
+    WORKER_FRAMES,
+    FrameReader,
+    ProtocolError,
+    ProtocolViolation,
+    write_frame,
+)
+from rlm.sandbox.workerio import StderrTail, receive_sealed_files
 from rlm.sandbox.textfile import ascii_view
 
-__all__ = ["Launch", "SubprocessSandbox", "disk_tempdir", "package_root", "scrubbed_env"]
+# Launch, disk_tempdir, package_root and scrubbed_env live in launch.py; the
+# confined levels and the tools import them from here too.
+__all__ = ["Launch", "SubprocessSandbox", "disk_tempdir", "package_root", "python_argv", "scrubbed_env"]
 
 INTERRUPT_GRACE = 1.0  # seconds between SIGINT and SIGKILL
 START_TIMEOUT = 30.0
 _WRITE_CHUNK = 16 << 20
 _INLINE_TEXT = 64 << 10  # characters: a str context up to this size goes in the frame itself
 
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
 # The worker imports our package from where the host found it, nothing from the environment.
 BOOT = ("import json, sys; path = json.loads(sys.argv[1]); sys.path[:0] = path[:1]; sys.path += path[1:]; "
         "from rlm.sandbox.worker import main; main()")
-
-# Host variables the worker may need to start Python at all; nothing else is passed on.
-_PASSED_ON = ("LD_LIBRARY_PATH",)
-_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-def scrubbed_env(home: str) -> dict[str, str]:
-    """The whole environment of a worker whose home and temporary directory is `home`."""
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": home,
-        "TMPDIR": home,
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-    }
-    env.update({name: os.environ[name] for name in _PASSED_ON if name in os.environ})
-    return env
-
-
-def package_root() -> str:
-    """The directory holding our `rlm` package (the worker imports it from there)."""
-    return str(Path(rlm.__file__).resolve().parent.parent)
-
-
-@lru_cache(maxsize=1)
-def _worker_path() -> str:
-    """Our package (first), then the site-packages (after the standard library), as JSON."""
-    site_dirs = [path for path in site.getsitepackages() if os.path.isdir(path) and path != package_root()]
-    return json.dumps([package_root(), *dict.fromkeys(site_dirs)])
 
 
 def python_argv() -> list[str]:
@@ -107,33 +96,7 @@ def python_argv() -> list[str]:
     installation's site-packages on `sys.path` instead, so model code can still import
     what is installed (but not packages that only a `.pth` hook makes importable).
     """
-    return [sys.executable, "-I", "-S", "-c", BOOT, _worker_path()]
-
-
-@lru_cache(maxsize=1)
-def disk_tempdir() -> str:
-    """The temporary directory, or /var/tmp when that one lives in memory (tmpfs pins RAM)."""
-    default = tempfile.gettempdir()
-    if _filesystem_type(default) in ("tmpfs", "ramfs") and os.access("/var/tmp", os.W_OK):
-        if _filesystem_type("/var/tmp") not in ("tmpfs", "ramfs"):
-            return "/var/tmp"
-    return default
-
-
-def _filesystem_type(path: str) -> str:
-    path = os.path.realpath(path)
-    best, kind = "", ""
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as mounts:
-            for line in mounts:
-                fields = line.split()
-                point = fields[1].replace("\\040", " ")
-                inside = path == point or path.startswith(point.rstrip("/") + "/")
-                if inside and len(point) >= len(best):
-                    best, kind = point, fields[2]
-    except OSError:
-        return ""
-    return kind
+    return [sys.executable, "-I", "-S", "-c", BOOT, worker_path()]
 
 
 def _write_text(handle: IO[bytes], text: str) -> None:
@@ -147,19 +110,6 @@ def _write_text(handle: IO[bytes], text: str) -> None:
         handle.write(text[start : start + _WRITE_CHUNK].encode("utf-8", "surrogatepass"))
 
 
-@dataclass(frozen=True)
-class Launch:
-    """How to start one worker. The file channel's descriptor number is appended to `argv`."""
-
-    argv: list[str]
-    cwd: str
-    env: dict[str, str]
-    pass_fds: tuple[int, ...] = ()
-    signal_in_exit_code: bool = False  # a wrapper that reports a worker killed by N as 128 + N
-    forked: bool = False  # `argv` is `python_argv()`: fork the worker from the fork server instead
-    preload: tuple[str, ...] = ()  # modules the fork server imports before forking this worker
-
-
 class _Worker:
     """One worker process, the pipes to it, and the socket that carries file descriptors."""
 
@@ -167,7 +117,7 @@ class _Worker:
         self.launch = launch
         self.pid: int | None = None
         self.pidfd: int | None = None
-        self.stderr = tempfile.TemporaryFile(prefix="rlm-worker-", dir=disk_tempdir())
+        self.stderr = StderrTail()
         self.files, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.files.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         try:
@@ -175,7 +125,7 @@ class _Worker:
                 [*launch.argv, str(worker_end.fileno())],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=self.stderr,
+                stderr=self.stderr.write_fd,
                 cwd=launch.cwd,
                 env=launch.env,
                 pass_fds=(worker_end.fileno(), *launch.pass_fds),
@@ -189,12 +139,15 @@ class _Worker:
             raise
         finally:
             worker_end.close()
-        self.reader = FrameReader(self.process.stdout.fileno())
+        self.stderr.started()
+        self.reader = FrameReader(
+            self.process.stdout.fileno(), limit=WORKER_FRAME_CAP, max_items=MAX_JSON_ITEMS, schema=WORKER_FRAMES
+        )
         self._handshake(setup, time.monotonic() + START_TIMEOUT)
 
     def _forked(self, worker_end: socket.socket) -> forkserver.ForkedProcess:
         launch = self.launch
-        return forkserver.spawn(_worker_path(), launch.cwd, launch.env, self.stderr.fileno(), worker_end.fileno(), launch.preload)
+        return forkserver.spawn(worker_path(), launch.cwd, launch.env, self.stderr.write_fd, worker_end.fileno(), launch.preload)
 
     def _handshake(self, setup: Callable[[int], dict], deadline: float) -> None:
         ready = None
@@ -202,14 +155,14 @@ class _Worker:
             self.pid = self._peer_pid(deadline)
             self.pidfd = os.pidfd_open(self.pid)
             hello = self.receive(deadline)
-            if hello is not None and hello.get("op") == "hello":
-                self.send({"op": "setup", **setup(int(hello["pid"]))})
+            if hello is not None and hello["op"] == "hello":
+                self.send({"op": "setup", **setup(hello["pid"])})
                 ready = self.receive(deadline)
         except (ProtocolError, OSError):
             ready = None
-        if ready is None or ready.get("op") != "ready":
+        if ready is None or ready["op"] != "ready":
             self.kill()
-            output = self.stderr_tail() or "no output"
+            output = self.stderr.tail(wait=1.0) or "no output"
             self.close_log()
             raise SandboxError(f"the REPL worker ({self.launch.argv[0]}) did not start: {output}")
 
@@ -238,6 +191,26 @@ class _Worker:
     def receive(self, deadline: float | None) -> dict | None:
         return self.reader.read(deadline)
 
+    def request(self, message: dict) -> int:
+        """Send a request with a new id (unguessable: model code cannot forge a later reply early)."""
+        request_id = secrets.randbits(48)
+        self.send({**message, "id": request_id})
+        return request_id
+
+    def reply(self, request_id: int, ops: tuple[str, ...], deadline: float | None) -> dict | None:
+        """The next frame, which must be one of `ops` for request `request_id`; None past `deadline`."""
+        message = self.receive(deadline)
+        if message is None:
+            return None
+        if message["op"] not in ops:
+            raise ProtocolViolation(f"a {message['op']!r} frame where {' or '.join(map(repr, ops))} was due")
+        if message["id"] != request_id:
+            raise ProtocolViolation(f"a {message['op']!r} frame for another request than the one in flight")
+        return message
+
+    def receive_files(self, count: int) -> list[int]:
+        return receive_sealed_files(self.files, count) if count else []
+
     def _signal(self, signum: int) -> None:
         if self.pidfd is not None:
             try:
@@ -249,6 +222,15 @@ class _Worker:
         self._signal(signal.SIGINT)
 
     def kill(self) -> None:
+        """Kill the worker and every process below it, then close our ends.
+
+        The worker is a child subreaper (confine.py), so whatever its model code started stays
+        below it however it detached (setsid, double fork). Stopped first, it starts nothing
+        more while those are killed; then it goes.
+        """
+        if self.pid is not None and self.process.poll() is None:
+            self._signal(signal.SIGSTOP)
+            kernel.kill_descendants(self.pid)
         self._signal(signal.SIGKILL)
         if self.process.poll() is None:
             try:
@@ -274,15 +256,11 @@ class _Worker:
         if self.launch.signal_in_exit_code and code > 128:
             code = -(code - 128)
         how = _signal_note(-code) if code < 0 else f"exited with code {code}"
-        tail = self.stderr_tail()
+        tail = self.stderr.tail(wait=0.5)
         return how + (f"; its last output:\n{tail}" if tail else "")
 
     def stderr_tail(self, limit: int = 2000) -> str:
-        if self.stderr.closed:
-            return ""
-        size = os.fstat(self.stderr.fileno()).st_size
-        data = os.pread(self.stderr.fileno(), limit, max(0, size - limit))
-        return data.decode("utf-8", "replace").strip()
+        return self.stderr.tail(limit)
 
     def close_log(self) -> None:
         self.stderr.close()
@@ -420,6 +398,15 @@ class SubprocessSandbox(Sandbox):
     def _context_file(self, source: ContextSource) -> tuple[dict, IO[bytes] | None]:
         if source.path is not None:
             return {"op": "load_context", "format": source.fmt}, open(source.path, "rb")  # noqa: SIM115
+        if source.handle is not None:  # our own copy: the caller closes theirs when it likes
+            return {"op": "load_context", "format": source.fmt}, open(os.dup(source.handle), "rb")  # noqa: SIM115
+        if source.json_text is not None:
+            if len(source.json_text) <= _INLINE_TEXT and is_utf8(source.json_text):
+                return {"op": "load_context", "json": source.json_text}, None
+            handle = tempfile.TemporaryFile(prefix="rlm-context-", dir=disk_tempdir())
+            handle.write(source.json_text.encode("utf-8", "replace"))
+            handle.flush()
+            return {"op": "load_context", "format": "json"}, handle
         if source.value is None:
             return {"op": "load_context", "value": None}, None
         if isinstance(source.value, str) and len(source.value) <= _INLINE_TEXT and is_utf8(source.value):
@@ -444,23 +431,27 @@ class SubprocessSandbox(Sandbox):
         try:
             if self._held.context_file is not None:
                 worker.send_file(self._held.context_file)
-            reply = self._request(message)
         except ProtocolError as exc:
             raise SandboxError(f"the REPL worker stopped while loading the context ({exc})") from None
+        reply = self._request(message, "context")
         if reply["op"] != "context":
-            error = reply.get("error") or ""
+            error = reply["error"]
             hint = "; raise the memory limit (memory_limit)" if error.startswith("MemoryError") else ""
-            raise SandboxError(f"the REPL worker could not load the context: {error}{hint}")
-        return {key: value for key, value in reply.items() if key != "op"}
+            raise ContextError(f"the REPL worker could not load the context: {error}{hint}")
+        return {key: value for key, value in reply.items() if key not in ("op", "id")}
 
-    def _request(self, message: dict) -> dict:
+    def _request(self, message: dict, answer: str) -> dict:
+        """Send a request that is not a cell; its reply (`answer` or "error"), or SandboxError."""
         worker = self._require_worker()
         try:
-            worker.send(message)
-            reply = worker.receive(None)
+            return worker.reply(worker.request(message), (answer, "error"), None)  # type: ignore[return-value]
+        except ProtocolViolation as exc:
+            self._discard_worker()  # a new one is started if another cell is run
+            raise SandboxError(
+                f"the REPL worker broke the protocol ({exc}) and was stopped; its variables are lost"
+            ) from None
         except ProtocolError as exc:
             raise SandboxError(f"the REPL worker stopped responding ({exc}): {worker.death_note()}") from None
-        return reply
 
     # -- cells -----------------------------------------------------------------------------
 
@@ -468,22 +459,26 @@ class SubprocessSandbox(Sandbox):
         worker = self._require_worker()
         started = time.monotonic()
         try:
-            worker.send({"op": "exec", "code": code, "max_output": max_output})
-            return self._await_result(worker, timeout)
+            request_id = worker.request({"op": "exec", "code": code, "max_output": max_output})
+            return self._await_result(worker, request_id, timeout, max_output)
+        except ProtocolViolation as exc:
+            note = f"The REPL worker broke the protocol ({exc}) and was stopped"
         except ProtocolError:
-            note = worker.death_note()
-            if not self._replace_worker():
-                note = "the session was closed"
-            return ExecResult(
-                error=f"The REPL worker process died ({note}).", restarted=True, duration=time.monotonic() - started
-            )
+            note = f"The REPL worker process died ({worker.death_note()})"
+        if not self._replace_worker():
+            return ExecResult(error=f"{note}; the session was closed.", restarted=True,
+                              duration=time.monotonic() - started)
+        return ExecResult(
+            error=f"{note}; a new worker took its place: variables are lost, the context is loaded again.",
+            restarted=True, duration=time.monotonic() - started,
+        )
 
-    def _await_result(self, worker: _Worker, timeout: float) -> ExecResult:
+    def _await_result(self, worker: _Worker, request_id: int, timeout: float, max_output: int) -> ExecResult:
         started = time.monotonic()
         deadline = started + timeout
         interrupted = False
         while True:
-            message = worker.receive(deadline)
+            message = worker.reply(request_id, ("llm_query", "result"), deadline)
             if message is None:
                 if interrupted:
                     self._replace_worker()
@@ -498,28 +493,33 @@ class SubprocessSandbox(Sandbox):
                 deadline = time.monotonic() + INTERRUPT_GRACE
             elif message["op"] == "llm_query":
                 started = time.monotonic()
-                worker.send(self._answer(message))
+                worker.send(self._answer(worker, message))
                 deadline += time.monotonic() - started
-            elif message["op"] == "result":
-                stopped_by_us = interrupted and bool(message.get("interrupted"))
-                return result_from_session(message, timed_out=stopped_by_us, timeout=timeout)
             else:
-                raise SandboxError(f"unexpected message from the REPL worker: {message.get('op')!r}")
+                stopped_by_us = interrupted and message["interrupted"]
+                return result_from_session(message, timed_out=stopped_by_us, timeout=timeout, max_output=max_output)
 
-    def _answer(self, message: dict) -> dict:
+    def _answer(self, worker: _Worker, message: dict) -> dict:
+        kind, items = message["kind"], message["prompts"]
+        files = worker.receive_files(sum(item["file"] for item in items)) if kind.startswith("rlm_") else []
         try:
-            return {"op": "llm_result", "results": self._bridge(message["kind"], message["prompts"])}
+            if kind.startswith("rlm_"):
+                items = child_queries(items, files)
+            return {"op": "llm_result", "id": message["id"], "results": self._bridge(kind, items)}
         except SubCallFailed as exc:
-            return {"op": "llm_result", "error": str(exc)}
+            return {"op": "llm_result", "id": message["id"], "error": str(exc)}
         except BaseException:
             # The run is failing; the worker is mid-cell waiting for us, so it cannot be reused.
             # A new one is started only if another cell is run.
             self._discard_worker()
             raise
+        finally:
+            for fd in files:
+                os.close(fd)
 
     def get_variable(self, name: str) -> dict:
-        reply = self._request({"op": "get_var", "name": name})
-        return {key: value for key, value in reply.items() if key != "op"}
+        reply = self._request({"op": "get_var", "name": name}, "var")
+        return {key: value for key, value in reply.items() if key not in ("op", "id")}
 
     def close(self) -> None:
         self._finalizer()

@@ -296,19 +296,13 @@ class Session:
         contexts = [None] * len(queries) if contexts is None else list(contexts)
         if len(contexts) != len(queries):
             raise ValueError(f"rlm_query_batched: {len(queries)} queries but {len(contexts)} contexts")
+        items = []
         for index, (query, context) in enumerate(zip(queries, contexts)):
             if not isinstance(query, str):
                 raise TypeError(f"rlm_query: query {index} is a {type(query).__name__}, not a str")
-            try:
-                json.dumps(context)
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"rlm_query: context {index} must be a str, list or dict of plain values, "
-                    f"not {type(context).__name__}"
-                ) from None
-        if not queries:
+            items.append({"query": query, **_context_item(index, context)})
+        if not items:
             return []
-        items = [{"query": query, "context": context} for query, context in zip(queries, contexts)]
         return self._call_llm("rlm_query" if len(items) == 1 else "rlm_query_batched", items)
 
     def _llm_query_batched(self, prompts: list[str]) -> list[str]:
@@ -354,6 +348,21 @@ class Session:
 
     def _show_vars(self) -> dict[str, str]:
         return {name: type(self.namespace[name]).__name__ for name in self._user_names()}
+
+
+def _context_item(index: int, context: Any) -> dict:
+    """An rlm_query context as it travels: text, or a list / dict as JSON text (parsed only by
+    the child's own sandbox: the host never parses nested data from a worker)."""
+    if context is None or isinstance(context, str):
+        return {"context": context, "format": "text", "file": False}
+    if isinstance(context, (list, tuple, dict)):
+        try:
+            return {"context": json.dumps(context, ensure_ascii=False), "format": "json", "file": False}
+        except (TypeError, ValueError):
+            pass  # said below
+    raise TypeError(
+        f"rlm_query: context {index} must be a str, list or dict of plain values, not {type(context).__name__}"
+    )
 
 
 def _as_answer(value: Any) -> str:
@@ -423,7 +432,7 @@ def main() -> None:
     """
     global _session
     from rlm.sandbox.confine import apply
-    from rlm.sandbox.protocol import FrameReader, ProtocolError, write_frame
+    from rlm.sandbox.protocol import HOST_FRAMES, FrameReader, write_frame
 
     # Keep the protocol on private descriptors, and point fds 0/1 elsewhere so that stray
     # writes from model code (os.write(1, ...), C extensions) cannot corrupt a frame.
@@ -432,7 +441,7 @@ def main() -> None:
     os.dup2(devnull, 0)
     os.dup2(2, 1)
     sys.stdin = open(os.devnull, encoding="utf-8")
-    reader = FrameReader(proto_in)
+    reader = FrameReader(proto_in, schema=HOST_FRAMES)
     files = int(sys.argv[2])
     # A worker forked by the fork server is not the host's child: it watches the host itself.
     host = os.pidfd_open(int(sys.argv[3])) if len(sys.argv) > 3 else None
@@ -443,19 +452,45 @@ def main() -> None:
     os.register_at_fork(after_in_child=lambda: [os.close(fd) for fd in (proto_in, proto_out, files)])
 
     bridge_lock = threading.Lock()  # model code may call llm_query from several threads
+    in_flight: list = [None]  # the id of the "exec" running now: its sub-calls carry it
 
-    def bridge(kind: str, prompts: list[str]) -> list[str]:
+    def bridge(kind: str, prompts: list) -> list[str]:
+        from rlm.sandbox import subcalls
+        from rlm.sandbox.protocol import ProtocolError, write_bytes
+
+        answers: list[str] = []
         with bridge_lock:
-            write_frame(proto_out, {"op": "llm_query", "kind": kind, "prompts": prompts})
-            reply = reader.read()
-        if reply.get("error"):
-            raise LLMQueryError(reply["error"])
-        return reply["results"]
+            if in_flight[0] is None:
+                raise LLMQueryError(f"{kind} can only be called while a cell runs, not from a thread it left behind")
+            try:
+                for frame, sealed in subcalls.requests(kind, prompts, in_flight[0]):
+                    subcalls.send_files(files, sealed)
+                    write_bytes(proto_out, frame)
+                    reply = reader.read()
+                    if reply["op"] != "llm_result":
+                        raise ProtocolError(f"the host answered a sub-call with {reply['op']!r}")
+                    if reply.get("error"):
+                        raise LLMQueryError(reply["error"])
+                    answers += reply["results"]
+            except ValueError as exc:  # a prompt too large for a frame: told without our frames
+                raise ValueError(str(exc)) from None
+        return answers
 
     _session = Session(bridge, process_wide=True)
     signal.signal(signal.SIGINT, _on_sigint)
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(), host, proto_out), daemon=True).start()
     write_frame(proto_out, {"op": "ready", "pid": os.getpid()})
+    _serve(_session, reader, proto_out, files, bridge_lock, in_flight)
+
+
+_REQUESTS = ("exec", "load_context", "get_var")
+_CUT_FIELDS = ("stdout", "stderr", "final", "value", "error")  # cut, longest first, to fit a frame
+
+
+def _serve(session: Session, reader: Any, out: int, files: int, bridge_lock: Any, in_flight: list) -> None:
+    """Answer the host's requests until 'shutdown' or end of input."""
+    from rlm.sandbox.protocol import ProtocolError, fit_frame, write_bytes
+
     while True:
         try:
             message = reader.read()
@@ -465,7 +500,16 @@ def main() -> None:
         if op == "shutdown":
             return
         _pending_interrupt.clear()
-        write_frame(proto_out, _dispatch(_session, message, files))
+        in_flight[0] = message["id"] if op == "exec" else None
+        if op in _REQUESTS:
+            reply = _dispatch(session, message, files)
+        else:
+            reply = {"op": "error", "error": f"unexpected op {op!r}"}
+        # Under the bridge's lock: a sub-call from a thread the cell left running is sent before
+        # this reply, or not at all.
+        with bridge_lock:
+            in_flight[0] = None
+            write_bytes(out, fit_frame({**reply, "id": message.get("id", 0)}, _CUT_FIELDS))
 
 
 def _exit_when_orphaned(parent: int, host: int | None, proto_out: int) -> None:
@@ -497,21 +541,36 @@ def _leave_orphaned() -> None:
 
 
 def _dispatch(session: Session, message: dict, files: int) -> dict:
+    """The reply to one request, its texts within the caps the host states (protocol.py)."""
+    from rlm.sandbox.protocol import MAX_ANSWER_CHARS, MAX_ERROR_CHARS, MAX_NAMES
+    from rlm._text import truncate_middle
+
     op = message["op"]
     try:
         if op == "exec":
-            return {"op": "result", **session.execute(message["code"], message["max_output"])}
-        if op == "load_context":
-            if "value" in message:
-                return {"op": "context", **session.set_context(message["value"])}
-            if "text" in message:
-                return {"op": "context", **session.set_context(message["text"], message["text"].encode())}
-            return {"op": "context", **session.load_context_fd(_receive_fd(files), message["format"])}
-        if op == "get_var":
-            return {"op": "var", **session.get_variable(message["name"])}
-        return {"op": "error", "error": f"unknown op {op!r}"}
-    except (OSError, ValueError, MemoryError) as exc:
-        return {"op": "error", "error": f"{type(exc).__name__}: {exc}"}
+            reply = {"op": "result", **session.execute(message["code"], message["max_output"])}
+        elif op == "load_context":
+            reply = {"op": "context", **_load_context(session, message, files)}
+        else:
+            reply = {"op": "var", **session.get_variable(message["name"])}
+            if "names" in reply:
+                reply["names"] = reply["names"][:MAX_NAMES]
+    except (OSError, ValueError, MemoryError, RecursionError) as exc:
+        reply = {"op": "error", "error": f"{type(exc).__name__}: {exc}"}
+    for name, cap in (("final", MAX_ANSWER_CHARS), ("value", MAX_ANSWER_CHARS), ("error", MAX_ERROR_CHARS)):
+        if isinstance(reply.get(name), str):
+            reply[name] = truncate_middle(reply[name], cap)
+    return reply
+
+
+def _load_context(session: Session, message: dict, files: int) -> dict:
+    if "value" in message:
+        return session.set_context(message["value"])
+    if "text" in message:
+        return session.set_context(message["text"], message["text"].encode())
+    if "json" in message:
+        return session.set_context(json.loads(message["json"]))
+    return session.load_context_fd(_receive_fd(files), message["format"])
 
 
 def _receive_fd(channel: int) -> int:

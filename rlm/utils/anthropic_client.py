@@ -5,6 +5,10 @@ marks it. The RLM root conversation only ever appends, so marking the system pro
 newest message caches everything before it; each turn then pays full price only for what
 is new. Usage maps cache reads and writes into `Usage.cached_tokens` and
 `Usage.cache_write_tokens`, and `Usage.input_tokens` counts all prompt tokens.
+
+Answers are read under the same `ResponseLimits` as the OpenAI-compatible client's, and no
+redirect is followed (the key would go with it). The SDK runs its own retries and per-read
+timeouts; a body still arriving `timeout` seconds after its headers is refused.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ from typing import Any
 import anthropic
 
 from rlm.errors import MalformedResponse
-from rlm.usage import Usage
-from rlm.utils.endpoint import LoopBound, closing_http_client, decoded_json, lean_transport, ssl_context, translated_errors
+from rlm.usage import Usage, token_count
+from rlm.utils.endpoint import (
+    LoopBound, closing_http_client, decoded_json, guarded_options, ssl_context, translated_errors,
+)
+from rlm.utils.limits import ResponseLimits
 from rlm.utils.llm import Completion, estimate_tokens
 
 __all__ = ["AnthropicClient"]
@@ -38,11 +45,16 @@ class AnthropicClient:
         api_key: str | None = None,
         timeout: float = 600.0,
         max_retries: int = 3,
+        limits: ResponseLimits | None = None,
     ) -> None:
         self.model = model
         self.base_url = api_url.rstrip("/")
         self._options = {"base_url": self.base_url, "api_key": api_key, "timeout": timeout, "max_retries": max_retries}
-        self._sdk = anthropic.Anthropic(**self._options, http_client=closing_http_client(anthropic.DefaultHttpxClient))
+        self._limits = limits or ResponseLimits()
+        http = closing_http_client(
+            anthropic.DefaultHttpxClient, **guarded_options(self._limits, timeout, asynchronous=False)
+        )
+        self._sdk = anthropic.Anthropic(**self._options, http_client=http)
         self._async = LoopBound(self._new_async_sdk, close=lambda sdk: sdk.close())
 
     def context_window(self) -> int | None:
@@ -67,7 +79,10 @@ class AnthropicClient:
         await self._async.aclose()
 
     def _new_async_sdk(self) -> Any:
-        http = anthropic.DefaultAsyncHttpxClient(verify=ssl_context(), transport=lean_transport(self.base_url))
+        http = anthropic.DefaultAsyncHttpxClient(
+            verify=ssl_context(),
+            **guarded_options(self._limits, self._options["timeout"], asynchronous=True),
+        )
         return anthropic.AsyncAnthropic(**self._options, http_client=http)
 
     def _params(self, messages: list[dict], max_tokens: int | None) -> dict[str, Any]:
@@ -92,32 +107,38 @@ class AnthropicClient:
                 url=self.base_url,
                 body=json.dumps(payload)[:500],
             )
-        text = "".join(b.get("text", "") for b in blocks if isinstance(b, dict) and b.get("type") == "text")
-        thinking = "".join(b.get("thinking", "") for b in blocks if isinstance(b, dict) and b.get("type") == "thinking")
+        text = "".join(_texts(blocks, "text"))
+        thinking = "".join(_texts(blocks, "thinking"))
         return Completion(
             text=text,
             usage=_usage(payload.get("usage"), messages, text),
             model=str(payload.get("model") or self.model),
             latency=latency,
-            finish_reason=payload.get("stop_reason"),
+            finish_reason=reason[:200] if isinstance(reason := payload.get("stop_reason"), str) else None,
             content_missing=not any(isinstance(b, dict) and b.get("type") == "text" for b in blocks),
             reasoning=thinking or None,
         )
 
 
+def _texts(blocks: list, kind: str) -> list[str]:
+    """The `kind` fields of the content blocks of that type (text or thinking) that are text."""
+    found = [block.get(kind) for block in blocks if isinstance(block, dict) and block.get("type") == kind]
+    return [text for text in found if isinstance(text, str)]
+
+
 def _usage(raw: Any, messages: list[dict], text: str) -> Usage:
-    if not isinstance(raw, dict) or not isinstance(raw.get("input_tokens"), int):
+    """The usage the API reported; counts that cannot be true are estimated instead (and flagged)."""
+    raw = raw if isinstance(raw, dict) else {}
+    prompt, output = token_count(raw.get("input_tokens")), token_count(raw.get("output_tokens"))
+    read = token_count(raw.get("cache_read_input_tokens")) or 0
+    written = token_count(raw.get("cache_creation_input_tokens")) or 0
+    if prompt is None:
         chars = sum(len(m.get("content") or "") for m in messages)
-        return Usage(input_tokens=estimate_tokens(chars), output_tokens=estimate_tokens(text), estimated=True)
-
-    def count(key: str) -> int:
-        value = raw.get(key)
-        return value if isinstance(value, int) else 0
-
-    read, written = count("cache_read_input_tokens"), count("cache_creation_input_tokens")
+        prompt, read, written = estimate_tokens(chars), 0, 0
     return Usage(
-        input_tokens=count("input_tokens") + read + written,
-        output_tokens=count("output_tokens"),
+        input_tokens=prompt + read + written,
+        output_tokens=output if output is not None else estimate_tokens(text),
         cached_tokens=read,
         cache_write_tokens=written,
+        estimated=token_count(raw.get("input_tokens")) is None or output is None,
     )

@@ -1,11 +1,18 @@
-"""One JSON request to a model endpoint: retries with backoff, and failures turned into our errors.
+"""One JSON request to a model endpoint: caps, retries with backoff, and failures turned into our errors.
 
-`JSONEndpoint` is what the OpenAI-compatible client sends through: a blocking httpx2 client
-for `complete()` and `GET /models`, and per event loop an async one over `LeanTransport`
-for `acomplete()`, both with the same retry policy: connection failures, timeouts and the
-statuses 408, 409, 429 and 5xx are retried `max_retries` times, waiting what the server
-asks (`Retry-After`, `retry-after-ms`; up to a minute) or else 0.5 s doubling to 8 s, less
-up to a quarter at random so that a fan-out does not retry in lockstep.
+`JSONEndpoint` is what the OpenAI-compatible client sends through: per event loop an async
+httpx2 client (proxies from the environment as httpx2 reads them); the blocking `post()`
+and `get()` run the same code on a loop of their own, on a connection of their own. Every
+answer is read under `ResponseLimits` (`rlm.utils.limits`), and each attempt, from
+connecting to the body's last byte, ends within `timeout` seconds: a server trickling its
+answer cannot stretch it.
+
+Retries: connection failures, a server silent past the timeout and the statuses 408, 409,
+429 and 5xx are retried `max_retries` times, waiting what the server asks (`Retry-After`,
+`retry-after-ms`; up to `ResponseLimits.max_retry_wait`) or else 0.5 s doubling to 8 s;
+both with jitter, so that a fan-out does not retry in lockstep. An answer past a cap is
+never retried. Redirects are followed only within the endpoint's origin (the prompt and the
+key go nowhere else).
 
 `translated_errors` does the same translation for an SDK's exceptions (the Anthropic
 client's). Every message names the URL and says what to try.
@@ -14,6 +21,7 @@ client's). Every message names the URL and says what to try.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime
 import email.utils
 import functools
@@ -24,97 +32,188 @@ import ssl
 import threading
 import time
 import weakref
-from typing import Any, Callable, NoReturn
+from typing import Any, Awaitable, Callable, NoReturn, TypeVar
 
 import httpx2
 
-from rlm.errors import ClientError, ConfigError, EndpointUnreachable, MalformedResponse
-from rlm.utils.http import LeanTransport, proxied
+from rlm.errors import ClientError, ConfigError, EndpointUnreachable, MalformedResponse, ResponseLimitExceeded
+from rlm.utils.limits import ACCEPT_ENCODING, ResponseLimits, origin_of, response_hooks
 
 __all__ = [
-    "JSONEndpoint", "LoopBound", "translated_errors", "decoded_json", "lean_transport", "ssl_context", "closing_http_client",
+    "JSONEndpoint", "LoopBound", "translated_errors", "decoded_json", "ssl_context", "closing_http_client",
+    "guarded_options",
 ]
 
+_T = TypeVar("_T")
 _RETRIED_STATUSES = frozenset({408, 409, 429})
-_LONGEST_TOLD_WAIT = 60.0  # seconds; a longer Retry-After is not waited for
 _FIRST_WAIT, _LONGEST_WAIT = 0.5, 8.0
 _CONNECT_TIMEOUT = 10.0
+_MAX_REDIRECTS = 5
+_MAX_RETRIES = 20
+# httpx2's HTTP/1.1 parser (h11, through httpcore2) holds at most this much of an unfinished
+# head and then fails with this text: a head that long is a cap hit, not a broken connection.
+_HEAD_BUFFER = 100 * 1024
+_HEAD_OVERFLOW = "Receive buffer too long"
 
 
 class JSONEndpoint:
-    """POST and GET JSON to one base URL with fixed headers, a timeout and retries."""
+    """POST and GET JSON to one base URL with fixed headers, a timeout per attempt, retries and caps."""
 
-    def __init__(self, base_url: str, headers: dict[str, str], *, timeout: float, max_retries: int) -> None:
+    def __init__(self, base_url: str, headers: dict[str, str], *, timeout: float, max_retries: int,
+                 limits: ResponseLimits | None = None) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ConfigError(f"the request timeout must be a number of seconds above 0, got {timeout!r}")
+        if type(max_retries) is not int or not 0 <= max_retries <= _MAX_RETRIES:
+            raise ConfigError(f"max_retries must be a whole number from 0 to {_MAX_RETRIES}, got {max_retries!r}")
         self.base_url = base_url
+        self._timeout = float(timeout)
         self._max_retries = max_retries
+        self._limits = limits or ResponseLimits()
         self._options: dict[str, Any] = {
             "base_url": base_url + "/",
-            "headers": headers,
+            "headers": {"Accept-Encoding": ACCEPT_ENCODING, **headers},
             "timeout": httpx2.Timeout(timeout, connect=min(timeout, _CONNECT_TIMEOUT)),
-            "follow_redirects": True,
+            **guarded_options(self._limits, None, asynchronous=True),  # the attempt's deadline is ours (_attempt)
         }
-        self._sync = closing_http_client(httpx2.Client, **self._options)
         # One async client per event loop: its connections belong to the loop that made them.
         self._async = LoopBound(self._new_async_client, close=lambda client: client.aclose())
 
     def post(self, path: str, body: dict) -> Any:
         """POST `body` as JSON to `path` (relative to the base URL); the decoded JSON reply."""
-        content = json.dumps(body).encode()
-        return self._decoded(self._request(lambda: self._sync.post(path, content=content, headers=_JSON)))
+        return self._blocking(lambda: self.apost(path, body))
 
     async def apost(self, path: str, body: dict) -> Any:
         """The same, awaitable, over the current event loop's connections."""
-        content = json.dumps(body).encode()
-        client = self._async.get()
-        for attempt in itertools.count():
-            try:
-                outcome: httpx2.Response | httpx2.TransportError = await client.post(path, content=content, headers=_JSON)
-            except httpx2.RequestError as exc:
-                outcome = self._failure(exc)
-            if isinstance(outcome, httpx2.Response) and not _retried(outcome.status_code):
-                return self._decoded(outcome)
-            await asyncio.sleep(self._wait(attempt, outcome))
+        response = await self._exchange("POST", path, json.dumps(body).encode())
+        return decoded_json(response, self.base_url)
 
     def get(self, path: str) -> tuple[Any, str]:
         """GET `path`; the decoded JSON reply and its text (for error messages)."""
-        response = self._request(lambda: self._sync.get(path))
-        return self._decoded(response), response.text
+        response = self._blocking(lambda: self._exchange("GET", path, None))
+        return decoded_json(response, self.base_url), response.text
 
     def close(self) -> None:
-        """Release the blocking client's connections (the async ones: `aclose()`)."""
-        self._sync.close()
+        """Nothing to release: a blocking request closes its connection when done (async ones: `aclose()`)."""
 
     async def aclose(self) -> None:
         """Release the current event loop's connections (made again on the next `apost`)."""
         await self._async.aclose()
 
-    def _request(self, send: Callable[[], httpx2.Response]) -> httpx2.Response:
-        """The first response that is not to be retried; raises when the attempts run out."""
+    def _blocking(self, work: Callable[[], Awaitable[_T]]) -> _T:
+        """Run `work` on an event loop of its own (in a helper thread when this one runs a loop)."""
+        async def once() -> _T:
+            try:
+                return await work()
+            finally:
+                await self._async.aclose()
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(once())
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, once()).result()
+
+    async def _exchange(self, method: str, path: str, content: bytes | None) -> httpx2.Response:
+        """The first answer not to be retried, read whole (under the caps); raises when attempts run out."""
+        client = self._async.get()
         for attempt in itertools.count():
             try:
-                outcome: httpx2.Response | httpx2.TransportError = send()
+                outcome: httpx2.Response | httpx2.TransportError = await self._attempt(client, method, path, content)
             except httpx2.RequestError as exc:
                 outcome = self._failure(exc)
             if isinstance(outcome, httpx2.Response) and not _retried(outcome.status_code):
+                if outcome.status_code >= 400:
+                    self._give_up(outcome)
                 return outcome
-            time.sleep(self._wait(attempt, outcome))
+            await asyncio.sleep(self._wait(attempt, outcome))
+        raise AssertionError("unreachable")  # itertools.count() never ends
+
+    async def _attempt(self, client: httpx2.AsyncClient, method: str, path: str, content: bytes | None
+                       ) -> httpx2.Response | httpx2.TransportError:
+        """One attempt, redirects within the origin included, bounded as a whole by the timeout."""
+        phase = ["waiting"]  # "reading" once a body is on its way
+
+        async def exchange() -> httpx2.Response:
+            target: str | httpx2.URL = path
+            for _ in range(_MAX_REDIRECTS + 1):
+                request = client.build_request(method, target, content=content, headers=_JSON if content else None)
+                phase[0] = "waiting"
+                response = await client.send(request, stream=True)
+                phase[0] = "reading"
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+                location = self._redirect_target(response)
+                if location is None:
+                    return response
+                target = location
+            raise ClientError(f"the model endpoint {self.base_url} redirected more than {_MAX_REDIRECTS} times; "
+                              "set RLM_API_URL (or api_url=) to the final URL", url=self.base_url)
+
+        try:
+            return await asyncio.wait_for(exchange(), self._timeout)
+        except asyncio.TimeoutError:
+            if phase[0] == "reading":  # headers came, the body did not finish: not worth another try
+                raise ResponseLimitExceeded(
+                    f"the model endpoint {self.base_url} did not finish sending its answer within the request timeout "
+                    f"({self._timeout:g} s for a whole attempt); a server that trickles its answer is cut off there",
+                    url=self.base_url, limit="timeout",
+                ) from None
+            return httpx2.ReadTimeout(f"no answer within {self._timeout:g} s")
+
+    def _redirect_target(self, response: httpx2.Response) -> httpx2.URL | None:
+        """Where a redirect leads, when it may be followed: within the origin, keeping the method."""
+        if not response.has_redirect_location:
+            return None
+        source = response.request.url
+        target = source.join(response.headers["location"])
+        status = response.status_code
+        if origin_of(target) != origin_of(source):
+            raise ClientError(
+                f"the model endpoint {self.base_url} redirected the request (HTTP {status}) to {origin_of(target)}, "
+                f"another origin; requests, with the prompt and the API key, go only to {origin_of(source)}. "
+                "If that server is the right one, set RLM_API_URL (or api_url=) to it.",
+                url=self.base_url, status=status,
+            )
+        if status in (307, 308) or response.request.method == "GET":
+            return target
+        raise ClientError(
+            f"the model endpoint {self.base_url} redirected a {response.request.method} with HTTP {status} to "
+            f"{target}, which would drop the request body; set RLM_API_URL (or api_url=) to the final URL",
+            url=self.base_url, status=status,
+        )
 
     def _wait(self, attempt: int, outcome: httpx2.Response | httpx2.TransportError) -> float:
         """Seconds to wait after failed attempt number `attempt` (from 0); raises after the last."""
         if attempt >= self._max_retries:
             self._give_up(outcome)
         told = _told_wait(outcome.headers) if isinstance(outcome, httpx2.Response) else None
-        if told is not None and 0 <= told <= _LONGEST_TOLD_WAIT:
-            return told
+        if told is not None and 0 <= told <= self._limits.max_retry_wait:
+            return told * (1 + 0.1 * random.random())
         return min(_FIRST_WAIT * 2**attempt, _LONGEST_WAIT) * (1 - 0.25 * random.random())
 
     def _failure(self, exc: httpx2.RequestError) -> httpx2.TransportError:
         """A failure worth another attempt; raises at once for those that no retry can mend."""
         url = self.base_url
         if isinstance(exc, httpx2.LocalProtocolError):  # we could not even write the request
-            raise ConfigError(f"cannot send a request to {url}: {exc}. Check the API key and headers.") from exc
+            # Not the library's text: it quotes the header, API key included.
+            raise ConfigError(
+                f"cannot send a request to {url}: a header holds a character HTTP does not allow (often an API key "
+                "read with its line ending). Check the API key and headers."
+            ) from None
         if isinstance(exc, httpx2.DecodingError):
             raise MalformedResponse(f"the endpoint at {url} sent a body that cannot be decoded: {exc}", url=url) from exc
+        tls = _tls_failure(exc)
+        if tls is not None:
+            raise tls_error(url, tls) from exc
+        if isinstance(exc, httpx2.RemoteProtocolError) and _HEAD_OVERFLOW in str(exc):
+            raise ResponseLimitExceeded(
+                f"the model endpoint {url} sent a status line and headers past {_HEAD_BUFFER // 1024} KiB, "
+                "the most the HTTP library reads (ResponseLimits.max_header_bytes applies below that)",
+                url=url, limit="max_header_bytes",
+            ) from exc
         if isinstance(exc, httpx2.TransportError):
             return exc
         raise ClientError(f"the request to the model endpoint {url} failed: {exc}", url=url) from exc
@@ -129,20 +228,32 @@ class JSONEndpoint:
             ) from outcome
         raise status_error(url, outcome.status_code, outcome.text[:500])
 
-    def _decoded(self, response: httpx2.Response) -> Any:
-        if response.status_code >= 400:
-            self._give_up(response)
-        return decoded_json(response, self.base_url)
-
     def _new_async_client(self) -> httpx2.AsyncClient:
-        return httpx2.AsyncClient(**self._options, verify=ssl_context(), transport=lean_transport(self.base_url))
+        return httpx2.AsyncClient(**self._options, verify=ssl_context())
 
 
 _JSON = {"Content-Type": "application/json"}
 
 
+def guarded_options(limits: ResponseLimits, timeout: float | None, *, asynchronous: bool) -> dict[str, Any]:
+    """httpx2 client options that read every answer under `limits` and follow no redirect by themselves."""
+    return {"event_hooks": response_hooks(limits, timeout, asynchronous=asynchronous), "follow_redirects": False}
+
+
 def _retried(status: int) -> bool:
     return status in _RETRIED_STATUSES or status >= 500
+
+
+def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error under a connection failure, if that is what it was."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the chain is short; a loop in it must not hang us
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _told_wait(headers: httpx2.Headers) -> float | None:
@@ -171,10 +282,27 @@ def _told_wait(headers: httpx2.Headers) -> float | None:
 
 
 def decoded_json(response: httpx2.Response, url: str) -> Any:
-    """The JSON body of a response from the endpoint at `url`; MalformedResponse when it is not JSON."""
+    """The JSON body of a response from the endpoint at `url`; MalformedResponse, saying what came
+    instead, when it is not JSON."""
+    kind = response.headers.get("content-type", "").lower()
+    content = response.content
+    start = content.lstrip()[:16].lower()
+    if "text/event-stream" in kind or start.startswith((b"data:", b"event:")):
+        raise MalformedResponse(
+            f"the endpoint at {url} answered with a server-sent event stream, though the request did not ask to "
+            "stream; a proxy in between may force streaming", url=url, body=response.text[:500],
+        )
     try:
-        return json.loads(response.content)
+        return json.loads(content)
+    except RecursionError:
+        raise not_json(url, "", " (its JSON is nested too deeply to read)") from None
     except ValueError:
+        if "text/html" in kind or start.startswith((b"<!doctype", b"<html", b"<")):
+            raise MalformedResponse(
+                f"the endpoint at {url} answered with an HTML page, not JSON: a web server, a login page or a proxy "
+                "answers there. Check that the URL is the API's base (it usually ends in /v1)",
+                url=url, body=response.text[:500],
+            ) from None
         raise not_json(url, response.text) from None
 
 
@@ -183,6 +311,19 @@ def unreachable(url: str, *, timed_out: bool) -> EndpointUnreachable:
     return EndpointUnreachable(
         f"the model endpoint {url} {what}. Start your server there, or point RLM_API_URL (or --api-url) at one.",
         url=url,
+    )
+
+
+def tls_error(url: str, error: ssl.SSLError) -> ClientError:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return ClientError(
+            f"the TLS certificate of the model endpoint {url} was not accepted ({error.verify_message or error}). "
+            "If the server is yours, trust its certificate authority with SSL_CERT_FILE=/path/to/ca.pem",
+            url=url,
+        )
+    return ClientError(
+        f"the TLS handshake with the model endpoint {url} failed ({error}); check that it serves https there "
+        "(or use http:// for a plain server)", url=url,
     )
 
 
@@ -214,6 +355,12 @@ class translated_errors:
         if exc is None:
             return False
         sdk = self.sdk
+        ours = exc.__cause__ or exc.__context__
+        if isinstance(exc, sdk.APIConnectionError) and isinstance(ours, ClientError):
+            raise ours from None  # a cap of ours, hit while the SDK read the answer
+        tls = _tls_failure(exc) if isinstance(exc, sdk.APIConnectionError) else None
+        if tls is not None:
+            raise tls_error(self.url, tls) from exc
         if isinstance(exc, sdk.APIConnectionError):  # includes APITimeoutError
             raise unreachable(self.url, timed_out=isinstance(exc, sdk.APITimeoutError)) from exc
         if isinstance(exc, sdk.APIStatusError):
@@ -277,11 +424,6 @@ class LoopBound:
             client = self._held.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await self._close(client)
-
-
-def lean_transport(url: str) -> LeanTransport | None:
-    """Our lean transport for requests to `url`, or None (httpx2's own) when a proxy is to carry them."""
-    return None if proxied(url) else LeanTransport(ssl_context())
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,8 +3,8 @@
 A client is anything with `model`, `base_url` and `complete(messages) -> Completion`. The
 completion carries its own `Usage`, so concurrent calls never share state. Requests, retries
 and the translation of failures into `rlm.errors.ClientError` subclasses are
-`rlm.utils.endpoint`'s; the async requests of a fan-out go over `rlm.utils.http`'s lean
-transport.
+`rlm.utils.endpoint`'s, over httpx2; what an answer may hold is capped by `ResponseLimits`
+(`rlm.utils.limits`).
 
 Configuration is read when a client is made, never at import: `RLM_API_URL` (default
 `http://localhost:8080/v1`), `RLM_API_KEY` or else `OPENAI_API_KEY`.
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from rlm.errors import ClientError, ConfigError, MalformedResponse
-from rlm.usage import Usage
+from rlm.usage import Usage, token_count
 from rlm.utils.endpoint import JSONEndpoint
+from rlm.utils.limits import ResponseLimits
 
 __all__ = [
     "DEFAULT_API_URL",
@@ -34,6 +35,7 @@ __all__ = [
     "resolve_api_key",
     "estimate_tokens",
     "context_window_of",
+    "ResponseLimits",
 ]
 
 DEFAULT_API_URL = "http://localhost:8080/v1"
@@ -109,7 +111,8 @@ class OpenAICompatibleClient:
 
     `model="auto"` asks the endpoint's `GET /models` and takes the first model listed (once,
     on first use). Failed requests are retried `max_retries` times with backoff (see
-    `rlm.utils.endpoint`); `timeout` bounds each attempt, in seconds.
+    `rlm.utils.endpoint`); `timeout` bounds each attempt, in seconds, from connecting to the
+    answer's last byte; `limits` caps what an answer may hold (default `ResponseLimits()`).
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class OpenAICompatibleClient:
         timeout: float = 600.0,
         max_retries: int = 3,
         temperature: float | None = None,
+        limits: ResponseLimits | None = None,
     ) -> None:
         if not model:
             raise ConfigError("model must be a model name or 'auto'")
@@ -130,7 +134,9 @@ class OpenAICompatibleClient:
         self._lock = threading.Lock()
         self._temperature = temperature
         headers = {"Authorization": f"Bearer {resolve_api_key(api_key)}", "User-Agent": f"rlm/{_version()}"}
-        self._endpoint = JSONEndpoint(self.base_url, headers, timeout=timeout, max_retries=max_retries)
+        self._endpoint = JSONEndpoint(
+            self.base_url, headers, timeout=timeout, max_retries=max_retries, limits=limits
+        )
 
     @property
     def model(self) -> str:
@@ -211,52 +217,78 @@ def _version() -> str:
 
 def context_window_of(entry: dict) -> int | None:
     """The context window a `GET /models` entry reports (under any of the usual keys), or None."""
-    for source in (entry, entry.get("meta") or {}):
+    meta = entry.get("meta")
+    for source in (entry, meta if isinstance(meta, dict) else {}):
         for key in _WINDOW_KEYS:
-            value = source.get(key)
-            if isinstance(value, int) and value > 0:
+            value = token_count(source.get(key))
+            if value:  # a count a server could mean: not a boolean, not negative, not absurd
                 return value
     return None
 
 
 def _completion(payload: Any, messages: list[dict], model: str, latency: float, url: str) -> Completion:
-    try:
-        choice = payload["choices"][0]
-        message = choice["message"]
-        if not isinstance(message, dict):
-            raise TypeError("message is not an object")
-    except (KeyError, IndexError, TypeError):
-        raise MalformedResponse(
-            f"the endpoint at {url} returned JSON without choices[0].message", url=url, body=json.dumps(payload)[:500]
-        ) from None
-    content = message.get("content")
-    text = content if isinstance(content, str) else ""
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    if not isinstance(choices, list) or not choices:
+        what = "an empty choices list (a content filter may have removed the reply)" if choices == [] else "no choices"
+        raise _malformed(url, f"returned JSON with {what}", payload)
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict):
+        raise _malformed(url, "returned JSON without choices[0].message", payload)
+    text = _content_text(message.get("content"), url, payload)
     reasoning = message.get("reasoning_content") or message.get("reasoning")
+    finish = choice.get("finish_reason")
     return Completion(
-        text=text,
-        usage=_usage(payload.get("usage"), messages, text),
-        model=str(payload.get("model") or model),
+        text=text or "",
+        usage=_usage(payload.get("usage"), messages, text or ""),
+        model=_text_field(payload.get("model")) or model,
         latency=latency,
-        finish_reason=choice.get("finish_reason") if isinstance(choice, dict) else None,
-        content_missing=not isinstance(content, str),
+        finish_reason=_text_field(finish),
+        content_missing=text is None,
         reasoning=reasoning if isinstance(reasoning, str) else None,
     )
 
 
+def _content_text(content: Any, url: str, payload: Any) -> str | None:
+    """The message text: a string, or the text parts of a list of parts joined; None when there is none."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        texts = [part.get("text") for part in content if part.get("type") in ("text", "output_text")]
+        if all(isinstance(text, str) for text in texts):
+            return "".join(texts) if texts else None  # type: ignore[arg-type]  (no text part: no text)
+    raise _malformed(url, f"returned a message whose content is {_kind(content)}, not text", payload)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list of something other than text parts"
+    return {bool: "a boolean", int: "a number", float: "a number", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _text_field(value: Any) -> str | None:
+    return value[:200] if isinstance(value, str) and value else None
+
+
+def _malformed(url: str, what: str, payload: Any) -> MalformedResponse:
+    return MalformedResponse(
+        f"the endpoint at {url} {what}; it is not a chat completion this client can use",
+        url=url, body=json.dumps(payload)[:500],
+    )
+
+
 def _usage(raw: Any, messages: list[dict], reply: str) -> Usage:
-    if isinstance(raw, dict) and isinstance(raw.get("prompt_tokens"), int):
-        details = raw.get("prompt_tokens_details") or {}
-        cached = details.get("cached_tokens") if isinstance(details, dict) else None
-        output = raw.get("completion_tokens")
-        return Usage(
-            input_tokens=raw["prompt_tokens"],
-            output_tokens=output if isinstance(output, int) else estimate_tokens(reply),
-            cached_tokens=cached if isinstance(cached, int) else 0,
-            estimated=not isinstance(output, int),
-        )
-    prompt_chars = sum(len(m.get("content") or "") for m in messages)
+    """The usage a server reported; counts that cannot be true are estimated instead (and flagged)."""
+    raw = raw if isinstance(raw, dict) else {}
+    prompt, output = token_count(raw.get("prompt_tokens")), token_count(raw.get("completion_tokens"))
+    details = raw.get("prompt_tokens_details")
+    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    if prompt is None:
+        prompt_chars = sum(len(m.get("content") or "") for m in messages)
+        prompt, cached = estimate_tokens(prompt_chars), None
     return Usage(
-        input_tokens=estimate_tokens(prompt_chars),
-        output_tokens=estimate_tokens(reply),
-        estimated=True,
+        input_tokens=prompt,
+        output_tokens=output if output is not None else estimate_tokens(reply),
+        cached_tokens=min(cached or 0, prompt),
+        estimated=token_count(raw.get("prompt_tokens")) is None or output is None,
     )
