@@ -73,6 +73,7 @@ class REPLEnv:
         self.turn = 0
         self._cells = 0
         self._closed = False
+        self._confinement_seen: dict | None = None
         limits = limits if limits is not None else SandboxLimits()
         self.sandbox = create_sandbox(sandbox, bridge, limits) if isinstance(sandbox, str) else sandbox(bridge, limits)
 
@@ -90,6 +91,11 @@ class REPLEnv:
         result = self.sandbox.run(code, timeout=self.exec_timeout, max_output=self.max_output_length)
         if self._closed:
             return result  # the run was cancelled while this cell ran: it is no longer part of the trace
+        confinement = self.sandbox.confinement  # recorded on the first cell, and when it changes
+        if confinement is None or confinement == self._confinement_seen:
+            confinement = None
+        else:
+            self._confinement_seen = confinement
         self.tracer.emit(
             CodeExec(
                 run_id=self.run_id,
@@ -104,6 +110,7 @@ class REPLEnv:
                 timed_out=result.timed_out,
                 restarted=result.restarted,
                 duration=result.duration,
+                confinement=confinement,
             )
         )
         return result

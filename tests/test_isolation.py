@@ -378,10 +378,11 @@ def _left_behind(scratch: list[str]) -> bool:
 
 
 def test_a_start_failure_is_a_sandbox_error_with_the_workers_output(bridge, monkeypatch):
+    from rlm.sandbox import process
     from rlm.sandbox import subprocess as worker_sandbox
 
     # A fresh interpreter (as bwrap starts one) that fails at boot...
-    monkeypatch.setattr(worker_sandbox, "BOOT", "import sys; sys.stderr.write('boom at boot'); sys.exit(5)")
+    monkeypatch.setattr(process, "BOOT", "import sys; sys.stderr.write('boom at boot'); sys.exit(5)")
     fresh = worker_sandbox.SubprocessSandbox._launch
     monkeypatch.setattr(worker_sandbox.SubprocessSandbox, "_launch",
                         lambda self: dataclasses.replace(fresh(self), argv=worker_sandbox.python_argv(), forked=False))

@@ -223,6 +223,13 @@ class Sandbox(abc.ABC):
     def get_variable(self, name: str) -> dict:
         """{'found': bool, 'value': str | None, 'names': [...]} for a user variable."""
 
+    @property
+    def confinement(self) -> dict | None:
+        """What the current worker said it applied before any model code ran: `landlock_abi`
+        (None: no Landlock), `namespaces` (its own: "ipc", "net", ...), `scratch_size` (bytes;
+        None: scratch is a host directory). None in-process, and between a crash and the next cell."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None:
         """Stop the session and remove what it left on disk. Safe to call twice."""

@@ -32,7 +32,8 @@ from rlm.errors import SandboxError, SandboxUnavailable
 from rlm.sandbox import kernel, seccomp
 from rlm.sandbox.base import LLMBridge, SandboxLimits
 from rlm.sandbox.runtime import SCRATCH_SLACK, SYSTEM_DIRS, SYSTEM_FILES, package_dir, python_dirs, top_level
-from rlm.sandbox.subprocess import Launch, SubprocessSandbox, _Worker, python_argv, scrubbed_env
+from rlm.sandbox.process import WorkerProcess
+from rlm.sandbox.subprocess import Launch, SubprocessSandbox, python_argv, scrubbed_env
 
 __all__ = ["BwrapSandbox", "bwrap_path"]
 
@@ -77,7 +78,7 @@ class BwrapSandbox(SubprocessSandbox):
     def _make_scratch(self) -> Path | None:
         return None  # a tmpfs inside the sandbox: nothing on the host's disk to leave behind
 
-    def _start(self) -> _Worker:
+    def _start(self) -> WorkerProcess:
         if self._started_once:
             return super()._start()
         try:

@@ -26,7 +26,7 @@ these bind the calling thread and the threads it starts later, not others.
 
 Every worker also becomes a child subreaper, so that processes its model code starts (at the
 `subprocess` level, where fork is allowed) stay in its tree however they detach, and die
-with it (`kill_descendants`, and the host's `_Worker.kill`).
+with it (`kill_descendants`, and the host's `WorkerProcess.kill`).
 
 Runs inside the worker: standard library and ctypes only.
 """

@@ -172,9 +172,9 @@ def expected(level: str, capabilities: int | None = None) -> set[str]:
     if level == "subprocess":
         # Not a security boundary: only the environment is scrubbed, the limits set (a hard
         # limit can be raised back only with CAP_SYS_RESOURCE), and whatever model code starts
-        # is killed with the worker (but not when the worker itself crashes: its orphans then
-        # go to init).
-        blocked = {"host_env_secret", "memory", "orphan_on_close"}
+        # is killed with the worker (the worker is a child subreaper) or, when the worker
+        # itself crashes, by the fork server (a child subreaper too) as its orphans reach it.
+        blocked = {"host_env_secret", "memory", "orphan_on_close", "orphan_after_crash"}
         blocked |= set() if held >> 24 & 1 else {"raise_limits"}
         return everything - blocked - lacking
     if level == "strict":

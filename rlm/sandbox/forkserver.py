@@ -7,7 +7,7 @@ threads) that has imported the worker's modules once; each worker is a fork of i
 
 Host side: `spawn(...)` hands the server a worker's pipes over a Unix socket (SCM_RIGHTS)
 with its directory and environment, and gets back a `ForkedProcess`, which behaves as much
-like `subprocess.Popen` as `_Worker` needs (pid, pipes, poll, wait, returncode). The server
+like `subprocess.Popen` as `WorkerProcess` needs (pid, pipes, poll, wait, returncode). The server
 reaps its children and tells the host their exit status on request.
 
 In the child, before any model code: the server's socket is closed, a new session is
@@ -29,6 +29,8 @@ import socket
 import sys
 import threading
 
+from rlm.sandbox import kernel
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import IO
@@ -36,10 +38,12 @@ if TYPE_CHECKING:
 __all__ = ["ForkedProcess", "spawn", "serve"]
 
 _MESSAGE = 64 * 1024  # bytes: a request (directory and environment) or a reply
+_STRAY_CHECK = 0.5  # seconds between looks, while idle, for ended workers and what they left running
+_PR_SET_CHILD_SUBREAPER = 36
 _ANSWER_TIMEOUT = 30.0  # seconds the server may take to fork (or reap) before it is abandoned
 # Imported once in the server, so that no worker imports them again (and, on a spawn that
 # asks for them, the modules its confinement needs: see spawn()).
-_PRELOAD = ("rlm.sandbox.worker", "rlm.sandbox.confine", "rlm.sandbox.protocol", "rlm.sandbox.textfile",
+_PRELOAD = ("rlm.sandbox.worker", "rlm.sandbox.serve", "rlm.sandbox.confine", "rlm.sandbox.protocol", "rlm.sandbox.textfile",
             "rlm.sandbox.integrity", "rlm.sandbox.subcalls", "shutil", "select", "socket", "fcntl")
 
 
@@ -223,25 +227,37 @@ os.register_at_fork(after_in_child=_forget_server_after_fork)
 
 
 def serve(control: int) -> None:
-    """Run the fork server on `control` until the host closes it (never returns in a child)."""
+    """Run the fork server on `control` until the host closes it (never returns in a child).
+
+    The server is a child subreaper: what a worker's model code left running when the worker
+    died (crashed, or killed without its descendants) comes to us, and is killed at once.
+    """
     _import(_PRELOAD)
+    kernel.libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     channel = socket.socket(fileno=control)
+    channel.settimeout(_STRAY_CHECK)
+    workers: set[int] = set()
     finished: dict[int, int] = {}
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(channel, _MESSAGE, 4)
+        except TimeoutError:
+            _reap_finished(workers, finished)
+            continue
         except OSError:
             data, fds = b"", []
         if not data:
-            os._exit(0)  # the host is gone
-        _reap_finished(finished)
+            kernel.kill_strays(workers)  # the host is gone; its workers see it and leave by themselves
+            os._exit(0)
+        _reap_finished(workers, finished)
         request = json.loads(data)
         sent: list[int] = []
         if request["op"] == "spawn":
             _import(request["preload"])
             reply, sent = _fork(channel, fds, request)
+            workers.update([reply["pid"]] if "pid" in reply else [])
         else:
-            reply = {"status": _status(request["pid"], finished)}
+            reply = {"status": _status(request["pid"], workers, finished)}
         socket.send_fds(channel, [json.dumps(reply).encode()], sent)
         for fd in sent:
             os.close(fd)
@@ -292,7 +308,7 @@ def _become_worker(channel: socket.socket, fds: list[int], request: dict) -> Non
         if "tempfile" in sys.modules:
             sys.modules["tempfile"].tempdir = None  # found again from TMPDIR, the session's scratch
         sys.argv = [sys.argv[0], sys.argv[1], str(files), str(request["host"])]
-        from rlm.sandbox.worker import main
+        from rlm.sandbox.serve import main
 
         main()
         code = 0
@@ -311,22 +327,31 @@ def _become_worker(channel: socket.socket, fds: list[int], request: dict) -> Non
         os._exit(code)
 
 
-def _reap_finished(finished: dict[int, int]) -> None:
+def _reap_finished(workers: set[int], finished: dict[int, int]) -> None:
+    """Collect the exit status of every ended child; after a worker's end, kill its strays."""
+    reaped = False
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            break
         if pid == 0:
-            return
-        finished[pid] = os.waitstatus_to_exitcode(status)
+            break
+        reaped = True
+        if pid in workers:
+            workers.discard(pid)
+            finished[pid] = os.waitstatus_to_exitcode(status)
+    if reaped:
+        kernel.kill_strays(workers)
 
 
-def _status(pid: int, finished: dict[int, int]) -> int:
+def _status(pid: int, workers: set[int], finished: dict[int, int]) -> int:
     if pid not in finished:
         try:
             _, status = os.waitpid(pid, 0)  # the host saw it end: this does not block for long
             finished[pid] = os.waitstatus_to_exitcode(status)
         except ChildProcessError:
             return -9
+        workers.discard(pid)
+        kernel.kill_strays(workers)
     return finished.pop(pid)

@@ -50,7 +50,7 @@ __all__ = ["Guard", "TRUSTED_MODULES"]
 # Ours: every global is restored.
 _OWN_MODULES = (
     "rlm.sandbox.worker", "rlm.sandbox.protocol", "rlm.sandbox.describe", "rlm.sandbox.integrity",
-    "rlm.sandbox.textfile", "rlm._text",
+    "rlm.sandbox.textfile", "rlm.sandbox.serve", "rlm.sandbox.subcalls", "rlm.sandbox.kernel", "rlm._text",
 )
 # The standard library the scaffold's path uses: functions, classes and submodules are restored.
 _LIBRARY_MODULES = (

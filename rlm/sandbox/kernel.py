@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["landlock_abi", "descendants", "kill_descendants"]
+__all__ = ["landlock_abi", "descendants", "kill_descendants", "kill_strays"]
 
 # The Landlock system calls have the same numbers on every architecture (they are newer than
 # the unified numbering).
@@ -88,6 +88,30 @@ def kill_descendants(pid: int) -> int:
         tree = {pid, *found}
         for child in found:
             killed += _kill_if_below(child, tree)
+    return killed
+
+
+def kill_strays(keep: set[int]) -> int:
+    """SIGKILL every child of this process not in `keep`, and everything below it; how many.
+
+    For a child subreaper: when a child of its own dies, the processes that child left running
+    are handed to it (however they detached), and are strays to be killed, not adopted.
+    Repeated until none is left (bounded): a stray's children come to us when it dies.
+    """
+    me, killed = os.getpid(), 0
+    for _ in range(_KILL_ROUNDS):
+        children = _children()
+        strays = [child for child in children.get(me, ()) if child not in keep]
+        if not strays:
+            break
+        tree = {me, *strays}
+        queue = list(strays)
+        while queue:
+            below = children.get(queue.pop(), ())
+            tree.update(below)
+            queue.extend(below)
+        for pid in tree - {me}:
+            killed += _kill_if_below(pid, tree)
     return killed
 
 

@@ -102,7 +102,10 @@ _ITEM = {  # one rlm_query: the question and its context (text, JSON text, or a 
 # Worker -> host: every frame the host accepts. A field not listed here is a violation too.
 WORKER_FRAMES: dict[str, dict[str, Field]] = {
     "hello": {"pid": _COUNT},
-    "ready": {"pid": _COUNT},
+    "ready": {  # and the confinement the worker applied (confine.apply's facts)
+        "pid": _COUNT, "landlock_abi": Field((int, _NONE)), "scratch_size": Field((int, _NONE)),
+        "namespaces": Field((list,), cap=8, items=(str,)),
+    },
     "result": {
         "id": _ID, "stdout": _TEXT, "stderr": _TEXT, "error": Field((str, _NONE)), "final": Field((str, _NONE)),
         "interrupted": _BOOL, "duration": Field((int, float)),

@@ -165,8 +165,8 @@ CHECKED: tuple[Rule, ...] = (
 )
 
 _INSTALL_HINT = (
-    "install the Python package with `pip install 'rlm[strict]'` (pyseccomp) and the "
-    "system library with `apt-get install libseccomp2` (Debian/Ubuntu; `dnf install libseccomp` on Fedora)"
+    "install the system library with `apt-get install libseccomp2` (Debian/Ubuntu; `dnf install libseccomp` "
+    "on Fedora); the Python binding, pyseccomp, is a dependency of rlm (reinstall rlm if it is missing)"
 )
 
 

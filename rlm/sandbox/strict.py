@@ -24,8 +24,8 @@ What still leaks: Landlock does not mediate `stat`, so model code can learn whet
 path exists, its size, owner and times (not its content, nor a directory's listing). The
 `bwrap` level, which mounts only what the worker needs, does not leak that.
 
-Needs Linux 5.13+ with Landlock enabled, libseccomp and the `pyseccomp` package
-(`pip install 'rlm[strict]'`); without them it fails when created, saying what is missing.
+Needs Linux 5.13+ with Landlock enabled and the system's libseccomp (its Python binding,
+`pyseccomp`, is a dependency of rlm); without them it fails when created, saying what is missing.
 It costs a few ms more than `subprocess` to start, nothing per cell.
 """
 

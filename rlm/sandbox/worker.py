@@ -1,8 +1,8 @@
-"""The REPL session that runs model-written code, and the worker process's frame loop.
+"""The REPL session that runs model-written code.
 
 `Session` holds one persistent namespace: `context`, the scaffold functions (`llm_query`,
 `llm_query_batched`, `FINAL`, `FINAL_VAR`, `SHOW_VARS`) and whatever the model defines.
-The subprocess sandbox runs it in a child process (`main()` below, talking frames over the
+The worker levels run it in a child process (serve.py: confinement, then frames over the
 child's stdin/stdout); the in-process sandbox uses it directly.
 
 Standard library only: this module is imported inside the worker, where start-up time counts.
@@ -16,7 +16,6 @@ import json
 import linecache
 import mmap
 import os
-import signal
 import sys
 import threading
 import time
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
 from rlm._text import BoundedText
 from rlm.sandbox.describe import describe_context
 
-__all__ = ["FinalAnswer", "LLMQueryError", "Session", "SCAFFOLD_NAMES", "main"]
+__all__ = ["FinalAnswer", "LLMQueryError", "Session", "SCAFFOLD_NAMES"]
 
 SCAFFOLD_NAMES = (
     "context", "context_bytes", "llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched",
@@ -410,182 +409,6 @@ def _format_exception(exc: BaseException) -> str:
     return "".join(summary.format()).rstrip()
 
 
-# -- the worker process -------------------------------------------------------------------
-
+# Set by the worker process's SIGINT handler (serve.py) when a timeout signal comes while no
+# model code runs; the next cell, or the next sub-call's return, raises KeyboardInterrupt then.
 _pending_interrupt = threading.Event()
-_session: Session | None = None
-
-
-def _on_sigint(signum: int, frame: object) -> None:
-    # Interrupt only model code; anywhere else (protocol I/O) remember it for later.
-    if _session is not None and _session.running_user_code:
-        raise KeyboardInterrupt
-    _pending_interrupt.set()
-
-
-def main() -> None:
-    """Serve one session over frames on stdin/stdout until 'shutdown' or end of input.
-
-    argv: [.., sys.path prefix, file-channel fd, (host pid)]: the Unix socket on which the
-    host passes the context's file descriptor (see protocol.py); the host's pid when the
-    fork server made us (see forkserver.py).
-    """
-    global _session
-    from rlm.sandbox.confine import apply
-    from rlm.sandbox.protocol import HOST_FRAMES, FrameReader, write_frame
-
-    # Keep the protocol on private descriptors, and point fds 0/1 elsewhere so that stray
-    # writes from model code (os.write(1, ...), C extensions) cannot corrupt a frame.
-    proto_in, proto_out = os.dup(0), os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(2, 1)
-    sys.stdin = open(os.devnull, encoding="utf-8")
-    reader = FrameReader(proto_in, schema=HOST_FRAMES)
-    files = int(sys.argv[2])
-    # A worker forked by the fork server is not the host's child: it watches the host itself.
-    host = os.pidfd_open(int(sys.argv[3])) if len(sys.argv) > 3 else None
-    os.write(files, b"\0")  # the kernel attaches our credentials: the host learns our pid as it sees it
-    write_frame(proto_out, {"op": "hello", "pid": os.getpid()})
-    apply(reader.read())  # limits, Landlock, seccomp: before any thread starts (see confine.py)
-    # A process forked by model code (where fork is allowed) must not talk to the host too.
-    os.register_at_fork(after_in_child=lambda: [os.close(fd) for fd in (proto_in, proto_out, files)])
-
-    bridge_lock = threading.Lock()  # model code may call llm_query from several threads
-    in_flight: list = [None]  # the id of the "exec" running now: its sub-calls carry it
-
-    def bridge(kind: str, prompts: list) -> list[str]:
-        from rlm.sandbox import subcalls
-        from rlm.sandbox.protocol import ProtocolError, write_bytes
-
-        answers: list[str] = []
-        with bridge_lock:
-            if in_flight[0] is None:
-                raise LLMQueryError(f"{kind} can only be called while a cell runs, not from a thread it left behind")
-            try:
-                for frame, sealed in subcalls.requests(kind, prompts, in_flight[0]):
-                    subcalls.send_files(files, sealed)
-                    write_bytes(proto_out, frame)
-                    reply = reader.read()
-                    if reply["op"] != "llm_result":
-                        raise ProtocolError(f"the host answered a sub-call with {reply['op']!r}")
-                    if reply.get("error"):
-                        raise LLMQueryError(reply["error"])
-                    answers += reply["results"]
-            except ValueError as exc:  # a prompt too large for a frame: told without our frames
-                raise ValueError(str(exc)) from None
-        return answers
-
-    _session = Session(bridge, process_wide=True)
-    signal.signal(signal.SIGINT, _on_sigint)
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(), host, proto_out), daemon=True).start()
-    write_frame(proto_out, {"op": "ready", "pid": os.getpid()})
-    _serve(_session, reader, proto_out, files, bridge_lock, in_flight)
-
-
-_REQUESTS = ("exec", "load_context", "get_var")
-_CUT_FIELDS = ("stdout", "stderr", "final", "value", "error")  # cut, longest first, to fit a frame
-
-
-def _serve(session: Session, reader: Any, out: int, files: int, bridge_lock: Any, in_flight: list) -> None:
-    """Answer the host's requests until 'shutdown' or end of input."""
-    from rlm.sandbox.protocol import ProtocolError, fit_frame, write_bytes
-
-    while True:
-        try:
-            message = reader.read()
-        except ProtocolError:  # end of input: the host is gone (it kills us when it closes a session)
-            _leave_orphaned()
-        op = message["op"]
-        if op == "shutdown":
-            return
-        _pending_interrupt.clear()
-        in_flight[0] = message["id"] if op == "exec" else None
-        if op in _REQUESTS:
-            reply = _dispatch(session, message, files)
-        else:
-            reply = {"op": "error", "error": f"unexpected op {op!r}"}
-        # Under the bridge's lock: a sub-call from a thread the cell left running is sent before
-        # this reply, or not at all.
-        with bridge_lock:
-            in_flight[0] = None
-            write_bytes(out, fit_frame({**reply, "id": message.get("id", 0)}, _CUT_FIELDS))
-
-
-def _exit_when_orphaned(parent: int, host: int | None, proto_out: int) -> None:
-    """If the host dies without closing us (SIGKILL, say), remove our scratch files and exit.
-
-    The host's death closes the read end of our output pipe (poll reports an error on ours);
-    a change of parent, or the host's pidfd turning readable when our parent is the fork
-    server, catches a host whose pipe lives on in a process it forked.
-    """
-    import select
-
-    watch = select.poll()
-    watch.register(proto_out, select.POLLERR)
-    if host is not None:
-        watch.register(host, select.POLLIN)
-    while not watch.poll(500) and (host is not None or os.getppid() == parent):
-        pass
-    _leave_orphaned()
-
-
-def _leave_orphaned() -> None:
-    """Remove our scratch files and exit (from either thread: whichever sees the host go first)."""
-    scratch = os.getcwd()
-    if os.path.basename(scratch).startswith("rlm-session-"):
-        import shutil
-
-        shutil.rmtree(scratch, ignore_errors=True)
-    os._exit(70)
-
-
-def _dispatch(session: Session, message: dict, files: int) -> dict:
-    """The reply to one request, its texts within the caps the host states (protocol.py)."""
-    from rlm.sandbox.protocol import MAX_ANSWER_CHARS, MAX_ERROR_CHARS, MAX_NAMES
-    from rlm._text import truncate_middle
-
-    op = message["op"]
-    try:
-        if op == "exec":
-            reply = {"op": "result", **session.execute(message["code"], message["max_output"])}
-        elif op == "load_context":
-            reply = {"op": "context", **_load_context(session, message, files)}
-        else:
-            reply = {"op": "var", **session.get_variable(message["name"])}
-            if "names" in reply:
-                reply["names"] = reply["names"][:MAX_NAMES]
-    except (OSError, ValueError, MemoryError, RecursionError) as exc:
-        reply = {"op": "error", "error": f"{type(exc).__name__}: {exc}"}
-    for name, cap in (("final", MAX_ANSWER_CHARS), ("value", MAX_ANSWER_CHARS), ("error", MAX_ERROR_CHARS)):
-        if isinstance(reply.get(name), str):
-            reply[name] = truncate_middle(reply[name], cap)
-    return reply
-
-
-def _load_context(session: Session, message: dict, files: int) -> dict:
-    if "value" in message:
-        return session.set_context(message["value"])
-    if "text" in message:
-        return session.set_context(message["text"], message["text"].encode())
-    if "json" in message:
-        return session.set_context(json.loads(message["json"]))
-    return session.load_context_fd(_receive_fd(files), message["format"])
-
-
-def _receive_fd(channel: int) -> int:
-    """The next file descriptor the host passed on the file channel (see protocol.py)."""
-    import socket
-
-    sock = socket.socket(fileno=channel)
-    try:
-        _, fds, _, _ = socket.recv_fds(sock, 1, 1)
-    finally:
-        sock.detach()  # the channel stays open for the next context
-    if len(fds) != 1:
-        raise OSError("the context's file descriptor did not arrive")
-    return fds[0]
-
-
-if __name__ == "__main__":
-    main()

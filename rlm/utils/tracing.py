@@ -135,6 +135,8 @@ class CodeExec(Event):
     timed_out: bool
     restarted: bool
     duration: float
+    # The confinement the worker applied (Sandbox.confinement): on the first cell, and when it changes.
+    confinement: dict | None = None
 
 
 @dataclass(kw_only=True)
