@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RecordingBridge, ok, process_alive, run
+from helpers import RecordingBridge, make, ok, process_alive, repl, run
 from rlm.errors import ConfigError, SandboxError, SandboxUnavailable
 from rlm.sandbox import (
     SANDBOXES,
@@ -87,6 +87,24 @@ def test_every_probe_can_see_its_own_success(probed):
     assert {name for name, outcome in outcomes.items() if outcome["escaped"]} == escapes.expected("inprocess")
     if escapes.own_capabilities() >> 23 & 1 and escapes.own_capabilities() & 1:  # CAP_SYS_NICE, CAP_CHOWN
         assert all(outcome["escaped"] for outcome in outcomes.values())
+
+
+@pytest.mark.parametrize("level", sorted(SANDBOXES))
+def test_the_confinement_the_worker_applied_is_recorded_on_its_first_cell(level):
+    from rlm.sandbox.kernel import landlock_abi
+
+    rlm, _, _ = make([repl("x = 1"), repl("y = 2"), "FINAL(done)"], sandbox=level, max_iterations=3)
+    assert rlm.completion(context="ctx", query="q") == "done"
+    first, second = [event.confinement for event in rlm.trace if event.type == "exec"]
+    assert second is None  # the same worker: said once
+    if level == "inprocess":
+        assert first is None
+    elif level == "subprocess":
+        assert first == {"landlock_abi": None, "namespaces": [], "scratch_size": None}
+    else:
+        assert first["landlock_abi"] == landlock_abi()
+        assert first["scratch_size"] == SandboxLimits().file_size + MiB  # a tmpfs sized by the file limit
+        assert {"ipc", "net", "mnt"} <= set(first["namespaces"])  # named as in /proc/self/ns
 
 
 # -- limits ---------------------------------------------------------------------------------------

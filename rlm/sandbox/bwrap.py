@@ -40,6 +40,9 @@ __all__ = ["BwrapSandbox", "bwrap_path"]
 SCRATCH = "/scratch"
 
 
+_UNSHARED = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")  # what --unshare-all asks for
+
+
 @lru_cache(maxsize=1)
 def _landlock_available() -> bool:
     try:
@@ -74,6 +77,16 @@ class BwrapSandbox(SubprocessSandbox):
     def __init__(self, bridge: LLMBridge, limits: SandboxLimits | None = None) -> None:
         self._started_once = False
         super().__init__(bridge, limits)
+
+    @property
+    def confinement(self) -> dict | None:
+        """The worker's own facts, and what bwrap did before it started: the namespaces of
+        `--unshare-all` (the user namespace where the kernel allows one) and the scratch tmpfs."""
+        facts = super().confinement
+        if facts is not None:
+            facts["namespaces"] = sorted({*facts["namespaces"], *_UNSHARED})
+            facts["scratch_size"] = self.limits.file_size + SCRATCH_SLACK if self.limits.file_size else None
+        return facts
 
     def _make_scratch(self) -> Path | None:
         return None  # a tmpfs inside the sandbox: nothing on the host's disk to leave behind
