@@ -184,7 +184,20 @@ KILLED_HOST = """\
 from rlm.sandbox import ContextSource, create_sandbox
 box = create_sandbox("subprocess", lambda kind, prompts: prompts)
 box.load_context(ContextSource(value="the context"))
-cell = box.run("import os, json\\nprint(json.dumps([os.getpid(), os.getcwd()]))", timeout=30, max_output=1000)
+# A process that detaches itself (a new session, a double fork) and tells its pid on a pipe.
+detach = '''
+import os, json, time
+read, write = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.write(write, str(os.getpid()).encode())
+        time.sleep(120)
+    os._exit(0)
+os.wait()
+print(json.dumps([os.getpid(), os.getcwd(), int(os.read(read, 32))]))
+'''
+cell = box.run(detach, timeout=30, max_output=1000)
 print(cell.stdout, end="", flush=True)
 box.run("while True:\\n    pass", timeout=600, max_output=1000)
 """
@@ -210,25 +223,27 @@ def _first_line(stream, deadline: float) -> str:
     return data.decode()
 
 
-def test_worker_of_a_killed_host_exits_and_removes_its_scratch_directory(tmp_path):
-    """SIGKILL gives the host no chance to clean up: the orphaned worker must notice and go."""
+def test_worker_of_a_killed_host_exits_with_what_it_started_and_removes_its_scratch_directory(tmp_path):
+    """SIGKILL gives the host no chance to clean up: the orphaned worker must notice and go,
+    taking along a process its model code detached."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     host = subprocess.Popen(
         [sys.executable, "-c", KILLED_HOST], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, env=env,
     )
-    pid, scratch = None, None
+    pid, scratch, detached = None, None, None
     try:
         line = _first_line(host.stdout, time.monotonic() + 30)
         assert line, host.stderr.read().decode() if host.poll() is not None else "no output from the host"
-        pid, scratch = json.loads(line)
-        assert _running(pid) and Path(scratch).is_dir() and Path(scratch).parent == tmp_path
+        pid, scratch, detached = json.loads(line)
+        assert _running(pid) and _running(detached) and Path(scratch).is_dir() and Path(scratch).parent == tmp_path
         host.kill()
         host.wait(timeout=10)
         deadline = time.monotonic() + 3
-        while (_running(pid) or Path(scratch).exists()) and time.monotonic() < deadline:
+        while (_running(pid) or _running(detached) or Path(scratch).exists()) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _running(pid), "the orphaned worker is still running"
+        assert not _running(detached), "a process the worker's model code started is still running"
         assert not Path(scratch).exists(), "the orphaned worker left its scratch directory"
     finally:
         if host.poll() is None:
@@ -236,8 +251,9 @@ def test_worker_of_a_killed_host_exits_and_removes_its_scratch_directory(tmp_pat
             host.wait(timeout=10)
         for pipe in (host.stdout, host.stderr):
             pipe.close()
-        if pid is not None and _running(pid) and b"rlm.sandbox.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            os.kill(pid, signal.SIGKILL)  # do not leave a spinning worker behind a failed test
+        for leftover in (pid, detached):  # do not leave a spinning worker behind a failed test
+            if leftover is not None and _running(leftover):
+                os.kill(leftover, signal.SIGKILL)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -226,8 +226,9 @@ class Sandbox(abc.ABC):
     @property
     def confinement(self) -> dict | None:
         """What the current worker said it applied before any model code ran: `landlock_abi`
-        (None: no Landlock), `namespaces` (its own, named as in /proc/self/ns: "ipc", "mnt", "net", ...), `scratch_size` (bytes;
-        None: scratch is a host directory). None in-process, and between a crash and the next cell."""
+        (None: no Landlock), `namespaces` (its own, named as in /proc/self/ns: "ipc", "mnt",
+        "net"...), `scratch_size` (bytes; None: scratch is a host directory). None in-process,
+        and between a crash and the next cell."""
         return None
 
     @abc.abstractmethod
