@@ -353,22 +353,40 @@ def test_close_after_a_worker_crash_leaves_no_files_or_descriptors(bridge, level
     assert _open_fds() == before
 
 
-def _host_script(level: str) -> str:
+# Model code that takes the worker's own ways out away: a thread (which interpreter shutdown
+# waits for) keeps the exit path patched, so only something outside the worker can end it.
+_NO_WAY_OUT = (
+    "import os, sys, threading, time\n"
+    "serve = sys.modules['rlm.sandbox.serve']\n"
+    "def forever(*args):\n"
+    "    while True:\n"
+    "        time.sleep(3600)\n"
+    "def keep():\n"
+    "    while True:\n"
+    "        serve._leave_orphaned, os._exit = forever, (lambda *args: None)\n"
+    "        time.sleep(0.001)\n"
+    "threading.Thread(target=keep).start()\n"
+)
+
+
+def _host_script(level: str, cell: str = "") -> str:
     return (
         "import sys, time\n"
         "from rlm.sandbox import create_sandbox, ContextSource\n"
         f"box = create_sandbox({level!r}, lambda kind, prompts: prompts)\n"
         "box.load_context(ContextSource(value='x' * 1000))\n"
         "box.run(\"open('model-file.txt', 'w').write('x')\", timeout=10, max_output=100)\n"
+        f"box.run({cell!r}, timeout=10, max_output=100)\n"
         "scratch = box._held.scratch\n"
         "print(box.worker_pid, scratch or '', flush=True)\n"
         "time.sleep(60)\n"
     )
 
 
+@pytest.mark.parametrize("cell", ["", _NO_WAY_OUT], ids=["plain", "exit path patched"])
 @pytest.mark.parametrize("level", WORKER_LEVELS)
-def test_worker_and_scratch_go_when_the_host_is_killed(level):
-    host = subprocess.Popen([sys.executable, "-c", _host_script(level)], stdout=subprocess.PIPE, text=True)
+def test_worker_and_scratch_go_when_the_host_is_killed(level, cell):
+    host = subprocess.Popen([sys.executable, "-c", _host_script(level, cell)], stdout=subprocess.PIPE, text=True)
     scratch: list[str] = []
     try:
         worker_pid, *scratch = host.stdout.readline().split()

@@ -39,7 +39,7 @@ __all__ = ["ForkedProcess", "spawn", "serve"]
 
 _MESSAGE = 64 * 1024  # bytes: a request (directory and environment) or a reply
 _STRAY_CHECK = 0.5  # seconds between looks, while idle, for ended workers and what they left running
-_PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_CHILD_SUBREAPER, _PR_SET_PDEATHSIG = 36, 1
 _ANSWER_TIMEOUT = 30.0  # seconds the server may take to fork (or reap) before it is abandoned
 # Imported once in the server, so that no worker imports them again (and, on a spawn that
 # asks for them, the modules its confinement needs: see spawn()).
@@ -230,13 +230,15 @@ def serve(control: int) -> None:
     """Run the fork server on `control` until the host closes it (never returns in a child).
 
     The server is a child subreaper: what a worker's model code left running when the worker
-    died (crashed, or killed without its descendants) comes to us, and is killed at once.
+    died (crashed, or killed without its descendants) comes to us, and is killed at once. When
+    the host is gone, so is every worker, whatever its model code did to its own exit path
+    (each also dies with the server: see _become_worker), and their scratch directories.
     """
     _import(_PRELOAD)
     kernel.libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     channel = socket.socket(fileno=control)
     channel.settimeout(_STRAY_CHECK)
-    workers: set[int] = set()
+    workers: dict[int, str] = {}  # pid: working directory (its scratch at the worker levels)
     finished: dict[int, int] = {}
     while True:
         try:
@@ -247,15 +249,15 @@ def serve(control: int) -> None:
         except OSError:
             data, fds = b"", []
         if not data:
-            kernel.kill_strays(workers)  # the host is gone; its workers see it and leave by themselves
-            os._exit(0)
+            _leave(workers)
         _reap_finished(workers, finished)
         request = json.loads(data)
         sent: list[int] = []
         if request["op"] == "spawn":
             _import(request["preload"])
             reply, sent = _fork(channel, fds, request)
-            workers.update([reply["pid"]] if "pid" in reply else [])
+            if "pid" in reply:
+                workers[reply["pid"]] = request["cwd"]
         else:
             reply = {"status": _status(request["pid"], workers, finished)}
         socket.send_fds(channel, [json.dumps(reply).encode()], sent)
@@ -276,13 +278,14 @@ def _import(names: "list[str] | tuple[str, ...]") -> None:
 def _fork(channel: socket.socket, fds: list[int], request: dict) -> tuple[dict, list[int]]:
     """Fork a worker: the reply, and the worker's pidfd to send with it (opened before any reaping)."""
     sent: list[int] = []
+    server = os.getpid()
     try:
         pid = os.fork()
     except OSError as exc:
         reply: dict = {"error": f"cannot fork a REPL worker: {exc}"}
     else:
         if pid == 0:
-            _become_worker(channel, fds, request)
+            _become_worker(channel, fds, request, server)
         reply = {"pid": pid}
         sent = [os.pidfd_open(pid)]
     for fd in fds:
@@ -290,11 +293,17 @@ def _fork(channel: socket.socket, fds: list[int], request: dict) -> tuple[dict, 
     return reply, sent
 
 
-def _become_worker(channel: socket.socket, fds: list[int], request: dict) -> None:
+def _become_worker(channel: socket.socket, fds: list[int], request: dict, server: int) -> None:
     """In the forked child: become a worker as if started afresh; never returns."""
     code = 1
     try:
         channel.close()
+        # Killed by the kernel when the server ends (it does when the host is gone): no code of
+        # the worker's, which model code may have patched, has to notice. Seccomp keeps model
+        # code from clearing it at the confined levels.
+        kernel.libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != server:
+            os._exit(1)  # the server ended before the line above
         os.setsid()
         stdin, stdout, stderr, files = fds
         for target, fd in enumerate((stdin, stdout, stderr)):
@@ -327,7 +336,18 @@ def _become_worker(channel: socket.socket, fds: list[int], request: dict) -> Non
         os._exit(code)
 
 
-def _reap_finished(workers: set[int], finished: dict[int, int]) -> None:
+def _leave(workers: dict[int, str]) -> None:
+    """The host is gone: kill every worker and what it started, remove their scratch, exit."""
+    import shutil
+
+    kernel.kill_strays(set())
+    for cwd in workers.values():
+        if os.path.basename(cwd).startswith("rlm-session-"):
+            shutil.rmtree(cwd, ignore_errors=True)
+    os._exit(0)
+
+
+def _reap_finished(workers: dict[int, str], finished: dict[int, int]) -> None:
     """Collect the exit status of every ended child; after a worker's end, kill its strays."""
     reaped = False
     while True:
@@ -338,20 +358,19 @@ def _reap_finished(workers: set[int], finished: dict[int, int]) -> None:
         if pid == 0:
             break
         reaped = True
-        if pid in workers:
-            workers.discard(pid)
+        if workers.pop(pid, None) is not None:
             finished[pid] = os.waitstatus_to_exitcode(status)
     if reaped:
-        kernel.kill_strays(workers)
+        kernel.kill_strays(set(workers))
 
 
-def _status(pid: int, workers: set[int], finished: dict[int, int]) -> int:
+def _status(pid: int, workers: dict[int, str], finished: dict[int, int]) -> int:
     if pid not in finished:
         try:
             _, status = os.waitpid(pid, 0)  # the host saw it end: this does not block for long
             finished[pid] = os.waitstatus_to_exitcode(status)
         except ChildProcessError:
             return -9
-        workers.discard(pid)
-        kernel.kill_strays(workers)
+        workers.pop(pid, None)
+        kernel.kill_strays(set(workers))
     return finished.pop(pid)
