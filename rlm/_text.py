@@ -16,23 +16,33 @@ _SEQUENCE = re.compile(
     r"|\x1b[\x20-\x2f]*[\x30-\x7e]"
 )
 # Then every control character left but newline and tab (C0, DEL, C1: a lone ESC, BEL,
-# backspace, an unterminated sequence's introducer), and the bidirectional embeddings,
-# overrides and isolates that make text display in another order than it reads.
-TERMINAL_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-_LONE_CR = re.compile(r"\r\n?")
+# backspace, an unterminated sequence's introducer); the bidirectional marks, embeddings,
+# overrides and isolates that make text display in another order than it reads; invisible
+# format characters that hide text (zero-width space, word joiner and invisible operators,
+# byte order mark, interlinear annotations, tag characters); the line and paragraph
+# separators; and lone surrogates, which a terminal cannot be sent at all. Zero-width
+# (non-)joiners stay: scripts and emoji need them.
+TERMINAL_UNSAFE = re.compile(
+    r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064"
+    r"\u2066-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]"
+)
+_NEW_LINE = re.compile(r"\r\n?|[\u2028\u2029]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def terminal_safe(text: str) -> str:
-    """`text` as a terminal would show it literally: escape sequences and control characters
-    removed, except newline and tab; a carriage return becomes a newline (so that it cannot
-    write over the start of a line).
+    """`text` as a terminal would show it literally: escape sequences, control characters and
+    invisible format characters removed, except newline and tab; a carriage return or a line
+    or paragraph separator becomes a newline (so that it cannot write over the start of a
+    line); a lone surrogate becomes U+FFFD.
 
     For text from outside (a model's answer, a server's error) printed to a terminal; machine
     output such as JSON keeps the text as data (see `TERMINAL_UNSAFE`).
     """
     if not TERMINAL_UNSAFE.search(text):
         return text
-    return TERMINAL_UNSAFE.sub("", _LONE_CR.sub("\n", _SEQUENCE.sub("", text)))
+    text = _SURROGATE.sub("\ufffd", _NEW_LINE.sub("\n", _SEQUENCE.sub("", text)))
+    return TERMINAL_UNSAFE.sub("", text)
 
 
 def clean_text(text: str) -> str:

@@ -166,6 +166,11 @@ def test_a_run_recorded_with_auto_replays_with_auto(tmp_path: Path) -> None:
         ("\u202eexe.txt \u2066x\u2069", "exe.txt x"),
         ("reset\x1bc \x1b(0box\x1b", "reset box"),
         ("keep\ttabs\nand lines, ünïcode, 日本", "keep\ttabs\nand lines, ünïcode, 日本"),
+        ("a\u200fb\u061cc\ufeffd\u200be\u2060f", "abcdef"),  # invisible marks and format characters
+        ("tag\U000e0041\U000e0042s hide text", "tags hide text"),
+        ("line\u2028para\u2029end", "line\npara\nend"),
+        ("lone \ud800 surrogate", "lone \ufffd surrogate"),
+        ("family \U0001f468\u200d\U0001f469 and \u200cjoiners", "family \U0001f468\u200d\U0001f469 and \u200cjoiners"),
     ],
 )
 def test_terminal_safe_drops_what_a_terminal_would_obey(text: str, shown: str) -> None:

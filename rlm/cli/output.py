@@ -41,11 +41,12 @@ def json_text(value: Any, *, indent: int | None = None) -> str:
     """`value` as JSON, non-ASCII text kept readable, every control character escaped.
 
     `json.dumps` escapes only C0 controls; C1 controls (U+0080-U+009F, which some terminals
-    obey) and bidirectional overrides are escaped here too. Outside strings JSON is ASCII, so
-    they can only be inside one, where `\\uXXXX` means the same character.
+    obey), bidirectional overrides, invisible format characters and lone surrogates
+    (`TERMINAL_UNSAFE`) are escaped here too. Outside strings JSON is ASCII, so they can only
+    be inside one, where the escape (a surrogate pair past U+FFFF) means the same character.
     """
     text = json.dumps(value, ensure_ascii=False, indent=indent)
-    return TERMINAL_UNSAFE.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+    return TERMINAL_UNSAFE.sub(lambda found: json.dumps(found.group())[1:-1], text)
 
 
 @contextlib.contextmanager
