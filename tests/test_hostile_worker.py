@@ -45,7 +45,7 @@ CASES = {
     "wrong type": (f'forge({{**{RESULT}, "stdout": 42}})', "'stdout' of a 'result' frame is a int"),
     "missing key": ('forge({"op": "result", "id": rid})', "without its"),
     "wrong id": (f'forge({{**{RESULT}, "id": rid + 1}})', "for another request"),
-    "op out of turn": ('forge({"op": "ready", "pid": 1, "landlock_abi": None, "scratch_size": None, "namespaces": []})', "'ready' frame where"),
+    "op out of turn": ('forge({"op": "ready", "pid": 1, "landlock_abi": None, "scratch_size": None, "namespaces": [], "own_root": False})', "'ready' frame where"),
     "non-str prompts": ('forge({"op": "llm_query", "id": rid, "kind": "llm_query", "prompts": [{"a": 1}]})',
                         "prompts of an 'llm_query' request holds a dict"),
     "file announced, none sent": (

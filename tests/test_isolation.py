@@ -72,9 +72,9 @@ def test_escape_suite_as_an_unprivileged_user(probed, level):
     assert not wrong, f"{level} as uid {UNPRIVILEGED}: {wrong}"
 
 
-def test_confined_levels_block_every_probe_but_stat_at_strict(probed):
-    assert escapes.expected("bwrap") == set()
-    assert escapes.expected("strict") == {"stat_host_file"}  # Landlock does not mediate stat: documented
+def test_confined_levels_block_every_probe(probed):
+    assert escapes.expected("bwrap") == escapes.expected("strict") == set()
+    assert escapes.expected("strict", own_root=False) == {"stat_host_file"}  # Landlock does not mediate stat
     for level in CONFINED_LEVELS:
         escaped = {name for name, outcome in probed[level, None].items() if outcome["escaped"]}
         assert escaped == escapes.expected(level)
@@ -100,11 +100,12 @@ def test_the_confinement_the_worker_applied_is_recorded_on_its_first_cell(level)
     if level == "inprocess":
         assert first is None
     elif level == "subprocess":
-        assert first == {"landlock_abi": None, "namespaces": [], "scratch_size": None}
+        assert first == {"landlock_abi": None, "namespaces": [], "scratch_size": None, "own_root": False}
     else:
         assert first["landlock_abi"] == landlock_abi()
         assert first["scratch_size"] == SandboxLimits().file_size + MiB  # a tmpfs sized by the file limit
         assert {"ipc", "net", "mnt"} <= set(first["namespaces"])  # named as in /proc/self/ns
+        assert first["own_root"]
 
 
 # -- limits ---------------------------------------------------------------------------------------

@@ -86,6 +86,7 @@ class BwrapSandbox(SubprocessSandbox):
         if facts is not None:
             facts["namespaces"] = sorted({*facts["namespaces"], *_UNSHARED})
             facts["scratch_size"] = self.limits.file_size + SCRATCH_SLACK if self.limits.file_size else None
+            facts["own_root"] = True  # bwrap's mounts: only what the worker needs
         return facts
 
     def _make_scratch(self) -> Path | None:

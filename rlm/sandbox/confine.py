@@ -3,21 +3,24 @@
 The host decides and sends it in the "setup" frame (see protocol.py); a key left out is not done:
 
     {"limits": {"memory": bytes, "cpu_time": seconds, "file_size": bytes},   # None: no limit
-     "isolate": {"scratch_size": bytes or None},   # own IPC, network and mount namespaces (strict)
+     "isolate": {"scratch_size": bytes or None,    # own IPC, network and mount namespaces (strict)
+                 "own_root": true},                # and a root holding only the Landlock paths (newroot.py)
      "drop_privileges": true,                      # every capability gone, no_new_privs
      "landlock": {"read": [paths], "write": [paths]},
      "seccomp": base64 of a compiled BPF program (see seccomp.py)}
 
 `apply()` returns what it did, for the host's records: {"landlock_abi": N or None,
-"namespaces": [...], "scratch_size": bytes or None}.
+"namespaces": [...], "scratch_size": bytes or None, "own_root": bool}.
 
 Order matters. Limits first (seccomp forbids setting them). Namespaces next, while the
 worker may still hold the capabilities a mount needs: as root it unshares IPC, network and
 mount namespaces directly; otherwise inside a new user namespace (mapped to its own uid and
 gid) where the kernel allows unprivileged ones; where neither works it goes on without them
 (the seccomp filter denies SysV IPC and sockets anyway). In its own mount namespace, a tmpfs
-of `scratch_size` over its scratch directory bounds the total it can write there; without
-one there is no total, only the per-file limit. Then every capability is dropped (also for
+of `scratch_size` over its scratch directory bounds the total it can write there, and with
+`own_root` the worker pivots into a root of its own where only the paths Landlock will allow
+exist (newroot.py), so that no other host file can even be stat'ed; without a mount namespace
+there is no total, only the per-file limit, and the host's files stay visible to stat. Then every capability is dropped (also for
 a root worker: the bounding and ambient sets emptied and the root-privilege securebits
 locked) and no_new_privs set; then Landlock (it opens the allowed paths, so after the tmpfs
 is mounted), with its scoping of signals and abstract Unix sockets where the kernel has it
@@ -69,11 +72,14 @@ def apply(setup: dict[str, Any]) -> dict[str, Any]:
     """Apply the limits and confinement the host asked for; raise if any of it fails."""
     set_limits(setup.get("limits") or {})
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    facts: dict[str, Any] = {"landlock_abi": None, "namespaces": [], "scratch_size": None}
+    facts: dict[str, Any] = {"landlock_abi": None, "namespaces": [], "scratch_size": None, "own_root": False}
+    with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as last:
+        last_capability = int(last.read())  # read before a root of our own leaves /proc/sys out
     if setup.get("isolate") is not None:
-        facts.update(isolate(setup["isolate"].get("scratch_size")))
+        view = setup.get("landlock") if setup["isolate"].get("own_root") else None
+        facts.update(isolate(setup["isolate"].get("scratch_size"), view))
     if setup.get("drop_privileges"):
-        drop_privileges()
+        drop_privileges(last_capability)
     landlock = setup.get("landlock")
     if landlock:
         facts["landlock_abi"] = restrict_paths(landlock["read"], landlock["write"])
@@ -108,8 +114,12 @@ def _lower(which: int, soft: int, hard: int) -> None:
 # -- namespaces and the scratch tmpfs ------------------------------------------------------
 
 
-def isolate(scratch_size: int | None) -> dict[str, Any]:
-    """Own IPC, network and mount namespaces where possible, and a tmpfs on scratch; what was done."""
+def isolate(scratch_size: int | None, view: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Own IPC, network and mount namespaces where possible, and a tmpfs on scratch; what was done.
+
+    `view` ({"read": [...], "write": [...]}, the Landlock paths): with a scratch size, pivot into
+    a root of our own holding only those (newroot.py).
+    """
     wanted = _CLONE_NEWIPC | _CLONE_NEWNET | _CLONE_NEWNS
     names = ["ipc", "net", "mnt"]
     if _LIBC.unshare(wanted) != 0:
@@ -121,6 +131,11 @@ def isolate(scratch_size: int | None) -> dict[str, Any]:
     scratch = os.getcwd()
     # Nothing mounted here may propagate back to the host's mount namespace.
     _check(_LIBC.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "make mounts private")
+    if view is not None:
+        from rlm.sandbox import newroot
+
+        newroot.enter(_LIBC, _check, read=view["read"], write=view["write"], scratch=scratch, scratch_size=scratch_size)
+        return {"namespaces": names, "scratch_size": scratch_size, "own_root": True}
     options = f"size={scratch_size},mode=0700".encode()
     _check(_LIBC.mount(b"rlm-scratch", os.fsencode(scratch), b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, options),
            f"mount a tmpfs on {scratch}")
@@ -144,14 +159,15 @@ def _enter_user_namespace(flags: int) -> bool:
 # -- capabilities ---------------------------------------------------------------------------
 
 
-def drop_privileges() -> None:
-    """No capability in any set, root's securebits locked, and no_new_privs: also for uid 0."""
+def drop_privileges(last_capability: int) -> None:
+    """No capability in any set, root's securebits locked, and no_new_privs: also for uid 0.
+
+    `last_capability`: the kernel's highest capability number (/proc/sys/kernel/cap_last_cap)."""
     holds_setpcap = _has_capability(8)  # CAP_SETPCAP: needed to change the bounding set and securebits
     if holds_setpcap:
         _prctl(_PR_SET_SECUREBITS, _SECUREBITS)
-        with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as last:
-            for cap in range(int(last.read()) + 1):
-                _prctl(_PR_CAPBSET_DROP, cap)
+        for cap in range(last_capability + 1):
+            _prctl(_PR_CAPBSET_DROP, cap)
     _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
     header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable; two 32-bit words each: all zero

@@ -157,11 +157,12 @@ PROBES = (
 _NEEDS_CAPABILITY = {"chown_host_file": 0, "realtime": 23}
 
 
-def expected(level: str, capabilities: int | None = None) -> set[str]:
+def expected(level: str, capabilities: int | None = None, own_root: bool = True) -> set[str]:
     """Names of the probes that are NOT blocked at `level` (all others must be).
 
     `capabilities`: the effective capability bits of the host that runs the probes (default:
-    this process's own; 0 for an unprivileged user).
+    this process's own; 0 for an unprivileged user). `own_root`: whether a strict worker gets
+    a root of its own (it needs a mount namespace: root, or unprivileged user namespaces).
     """
     held = own_capabilities() if capabilities is None else capabilities
     everything = {probe.name for probe in PROBES}
@@ -177,7 +178,7 @@ def expected(level: str, capabilities: int | None = None) -> set[str]:
         blocked = {"host_env_secret", "memory", "orphan_on_close", "orphan_after_crash"}
         blocked |= set() if held >> 24 & 1 else {"raise_limits"}
         return everything - blocked - lacking
-    if level == "strict":
+    if level == "strict" and not own_root:
         return {"stat_host_file"}  # Landlock does not mediate stat (see strict.py)
     return set()
 

@@ -39,7 +39,7 @@ __all__ = ["ForkedProcess", "spawn", "serve"]
 
 _MESSAGE = 64 * 1024  # bytes: a request (directory and environment) or a reply
 _STRAY_CHECK = 0.5  # seconds between looks, while idle, for ended workers and what they left running
-_PR_SET_CHILD_SUBREAPER, _PR_SET_PDEATHSIG = 36, 1
+_PR_SET_CHILD_SUBREAPER = 36
 _ANSWER_TIMEOUT = 30.0  # seconds the server may take to fork (or reap) before it is abandoned
 # Imported once in the server, so that no worker imports them again (and, on a spawn that
 # asks for them, the modules its confinement needs: see spawn()).
@@ -231,8 +231,9 @@ def serve(control: int) -> None:
 
     The server is a child subreaper: what a worker's model code left running when the worker
     died (crashed, or killed without its descendants) comes to us, and is killed at once. When
-    the host is gone, so is every worker, whatever its model code did to its own exit path
-    (each also dies with the server: see _become_worker), and their scratch directories.
+    the host is gone, the server kills every worker, whatever its model code did to its own
+    exit path, and removes their scratch directories. A server that dies first (killed) leaves
+    its workers to their sessions: each still leaves by itself when the host goes.
     """
     _import(_PRELOAD)
     kernel.libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -278,14 +279,13 @@ def _import(names: "list[str] | tuple[str, ...]") -> None:
 def _fork(channel: socket.socket, fds: list[int], request: dict) -> tuple[dict, list[int]]:
     """Fork a worker: the reply, and the worker's pidfd to send with it (opened before any reaping)."""
     sent: list[int] = []
-    server = os.getpid()
     try:
         pid = os.fork()
     except OSError as exc:
         reply: dict = {"error": f"cannot fork a REPL worker: {exc}"}
     else:
         if pid == 0:
-            _become_worker(channel, fds, request, server)
+            _become_worker(channel, fds, request)
         reply = {"pid": pid}
         sent = [os.pidfd_open(pid)]
     for fd in fds:
@@ -293,17 +293,11 @@ def _fork(channel: socket.socket, fds: list[int], request: dict) -> tuple[dict, 
     return reply, sent
 
 
-def _become_worker(channel: socket.socket, fds: list[int], request: dict, server: int) -> None:
+def _become_worker(channel: socket.socket, fds: list[int], request: dict) -> None:
     """In the forked child: become a worker as if started afresh; never returns."""
     code = 1
     try:
         channel.close()
-        # Killed by the kernel when the server ends (it does when the host is gone): no code of
-        # the worker's, which model code may have patched, has to notice. Seccomp keeps model
-        # code from clearing it at the confined levels.
-        kernel.libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != server:
-            os._exit(1)  # the server ended before the line above
         os.setsid()
         stdin, stdout, stderr, files = fds
         for target, fd in enumerate((stdin, stdout, stderr)):

@@ -104,7 +104,7 @@ WORKER_FRAMES: dict[str, dict[str, Field]] = {
     "hello": {"pid": _COUNT},
     "ready": {  # and the confinement the worker applied (confine.apply's facts)
         "pid": _COUNT, "landlock_abi": Field((int, _NONE)), "scratch_size": Field((int, _NONE)),
-        "namespaces": Field((list,), cap=8, items=(str,)),
+        "namespaces": Field((list,), cap=8, items=(str,)), "own_root": _BOOL,
     },
     "result": {
         "id": _ID, "stdout": _TEXT, "stderr": _TEXT, "error": Field((str, _NONE)), "final": Field((str, _NONE)),

@@ -5,9 +5,11 @@ Before it runs any model code the worker (see confine.py) restricts itself with:
 - namespaces where the machine allows them (as root, or through an unprivileged user
   namespace): its own IPC namespace (no SysV shared memory or queues of the host's), its own
   network namespace (no network, not even the host's abstract Unix sockets), and its own
-  mount namespace with a tmpfs over its scratch directory holding at most about the
-  file-size limit in all. Where they are refused it goes on without them: there is then no
-  total size for scratch, only the per-file limit.
+  mount namespace, in which it pivots into a root of its own (newroot.py) holding only what
+  Landlock will let it read, bound read-only, and a tmpfs as its scratch directory holding at
+  most about the file-size limit in all. Where namespaces are refused it goes on without
+  them: there is then no total size for scratch, only the per-file limit, and the host's
+  files stay visible to `stat` (see below).
 - no capabilities, also when the host runs as root, and no_new_privs.
 - Landlock: it may read only the Python installation, the system's shared libraries, time
   zones, our package, its own /proc entry and its scratch directory, and write only to the
@@ -20,9 +22,9 @@ Before it runs any model code the worker (see confine.py) restricts itself with:
   changes (chmod, chown, utime, xattr), inotify, ptrace, or raising of limits.
 - the resource limits of `SandboxLimits`, set so that they cannot be raised again.
 
-What still leaks: Landlock does not mediate `stat`, so model code can learn whether a host
-path exists, its size, owner and times (not its content, nor a directory's listing). The
-`bwrap` level, which mounts only what the worker needs, does not leak that.
+What leaks without a mount namespace: Landlock does not mediate `stat`, so model code can
+then learn whether a host path exists, its size, owner and times (not its content, nor a
+directory's listing). The trajectory says which case a run had (`confinement.own_root`).
 
 Needs Linux 5.13+ with Landlock enabled and the system's libseccomp (its Python binding,
 `pyseccomp`, is a dependency of rlm); without them it fails when created, saying what is missing.
@@ -75,7 +77,7 @@ class StrictSandbox(SubprocessSandbox):
         write = [str(self._held.scratch), "/dev/null"]
         size = self.limits.file_size
         return {
-            "isolate": {"scratch_size": None if size is None else size + SCRATCH_SLACK},
+            "isolate": {"scratch_size": None if size is None else size + SCRATCH_SLACK, "own_root": True},
             "drop_privileges": True,
             "landlock": {"read": read, "write": write},
             "seccomp": base64.b64encode(seccomp.compile_filter(worker_pid)).decode("ascii"),
