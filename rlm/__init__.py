@@ -19,9 +19,9 @@ from rlm import errors as _errors
 
 __version__ = "0.1.0"
 
-__all__ = ["RLM", "RLM_REPL", *_errors.__all__, "__version__"]
+__all__ = ["RLM", "RLM_REPL", "ResponseLimits", *_errors.__all__, "__version__"]
 
-_LAZY = {"RLM": "rlm.rlm", "RLM_REPL": "rlm.rlm_repl"}
+_LAZY = {"RLM": "rlm.rlm", "RLM_REPL": "rlm.rlm_repl", "ResponseLimits": "rlm.utils.limits"}
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,7 @@ from rlm.rlm import RLM
 from rlm.sandbox import AUTO, SandboxLimits, check_available, resolve_level
 from rlm.usage import UsageLedger
 from rlm.utils import prompts
+from rlm.utils.limits import ResponseLimits
 from rlm.utils.llm import LLMClient
 from rlm.utils.tracing import ErrorEvent, Event, RunEnd, Tracer, new_run_id, resolve_log_dir
 
@@ -69,6 +70,13 @@ class RLM_REPL(RLM):
             tokens, calls below the root model, seconds); reaching one raises BudgetExceeded.
         cache: answer identical sub-calls of a run once (default True).
         max_reply_tokens: cap on each root reply's length (None: the server's default).
+        request_timeout: seconds one model request may take, from connecting to the answer's
+            last byte; a request with its retries and their waits ends within twice it.
+        max_retries: how many times a failed model request is tried again (0 to 20).
+        response_limits: caps on what a model server's answer may hold (`rlm.ResponseLimits`:
+            body and header bytes, compression ratio, longest Retry-After), for the root and
+            sub clients made here; default `ResponseLimits()`. Clients passed in as `client=`
+            or `sub_client=` keep their own (`limits=` when made).
         log_dir: write each run's trajectory as JSONL here (default `RLM_LOG_DIR`; none if unset).
         on_event: called with every trace event as it happens (live progress).
 
@@ -106,6 +114,7 @@ class RLM_REPL(RLM):
         max_reply_tokens: int | None = None,
         request_timeout: float = 600.0,
         max_retries: int = 3,
+        response_limits: ResponseLimits | None = None,
         log_dir: str | None = None,
         on_event: Callable[[Event], None] | None = None,
     ) -> None:
@@ -116,7 +125,8 @@ class RLM_REPL(RLM):
         self.sandbox_level: str | None = resolve_level(sandbox) if isinstance(sandbox, str) else None
         if self.sandbox_level is not None:
             check_available(self.sandbox_level, self.sandbox_limits)
-        options = {"api_url": api_url, "api_key": api_key, "timeout": request_timeout, "max_retries": max_retries}
+        options = {"api_url": api_url, "api_key": api_key, "timeout": request_timeout, "max_retries": max_retries,
+                   "limits": response_limits}
         self.client: LLMClient = client or resolve_client(model, **options)
         self.sub_client: LLMClient = sub_client or resolve_client(recursive_model, **options)
         self._owned_clients = [c for c, given in ((self.client, client), (self.sub_client, sub_client)) if given is None]
@@ -253,6 +263,11 @@ def _check_arguments(args: dict[str, Any]) -> None:
     if not isinstance(sandbox, str) and not callable(sandbox):
         names = "'auto', 'bwrap', 'strict', 'subprocess', 'inprocess'"
         raise ConfigError(f"sandbox must be a name ({names}) or a factory, got {sandbox!r}")
+    limits = args["response_limits"]
+    if limits is not None and not isinstance(limits, ResponseLimits):
+        raise ConfigError(
+            f"response_limits must be a ResponseLimits, such as rlm.ResponseLimits(max_body_bytes=...), got {limits!r}"
+        )
     for name in ("client", "sub_client"):
         given = args[name]
         if given is not None and not isinstance(given, LLMClient):

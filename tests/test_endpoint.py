@@ -90,11 +90,33 @@ def test_an_unreadable_or_unreasonable_retry_after_falls_back_to_backoff(server,
 
 
 @both_paths
-def test_a_timeout_is_retried_then_reported(server, asynchronous):
-    server.fail_next(FakeReply(content="late", delay=1.0), FakeReply(content="late", delay=1.0))
+def test_a_timeout_is_retried_in_what_remains_of_twice_the_timeout_then_reported(server, asynchronous):
+    server.fail_next(*[FakeReply(content="late", delay=3.0)] * 4)
+    started = time.monotonic()
     with pytest.raises(EndpointUnreachable, match="did not answer in time"):
-        ask(server, asynchronous=asynchronous, max_retries=1, timeout=0.2)
-    assert len(server.chat_requests()) == 2
+        ask(server, asynchronous=asynchronous, max_retries=3, timeout=1.0)
+    assert time.monotonic() - started <= 2.0
+    assert len(server.chat_requests()) == 2  # 1 s, a wait of ~0.5 s, then what remains
+
+
+@both_paths
+def test_no_retry_is_made_when_its_wait_would_pass_the_deadline(server, asynchronous):
+    server.fail_next(FakeReply(content="late", delay=1.0))
+    started = time.monotonic()
+    with pytest.raises(EndpointUnreachable, match="did not answer in time"):
+        ask(server, asynchronous=asynchronous, max_retries=3, timeout=0.2)  # the first wait is >= 0.375 s
+    assert time.monotonic() - started <= 0.4
+    assert len(server.chat_requests()) == 1
+
+
+@both_paths
+def test_a_retry_after_past_the_deadline_gives_up_at_once_with_the_status(server, asynchronous):
+    server.fail_next(FakeReply(status=429, headers={"Retry-After": "2"}))
+    started = time.monotonic()
+    with pytest.raises(ClientError, match="HTTP 429"):
+        ask(server, asynchronous=asynchronous, max_retries=3, timeout=1.0)
+    assert time.monotonic() - started < 0.5
+    assert len(server.chat_requests()) == 1
 
 
 @both_paths

@@ -1,16 +1,16 @@
 """The model client against hostile servers on 127.0.0.1 (rlm.testing.HostileServer).
 
-Each fault must end within 2x the request timeout, with host memory growth under 64 MiB
-and an error of our own types saying what was wrong. Memory is measured where it can be
-told apart: each case's client runs in a throwaway process whose peak RSS (VmHWM, reset
-once everything is imported) is read around the call.
+Each fault of `FAULTS`, met with the client's default retries, must end within 2x the
+request timeout, with host memory growth under 64 MiB and an error of our own types saying
+what was wrong (or the right answer). Memory is measured where it can be told apart: each
+case's client runs in a throwaway process whose peak RSS (VmHWM, reset once everything is
+imported) is read around the call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import ssl
 import subprocess
 import sys
@@ -33,8 +33,8 @@ TIMEOUT = 1.0
 MIB = 1024 * 1024
 FENCE = "```"
 
-# fault -> (error type name, text the message must hold)
-HEAVY = {
+# fault -> (error type name, text the message must hold), or (None, the reply's text)
+OUTCOMES = {
     "gzip_bomb": ("ResponseLimitExceeded", "ResponseLimits.max_compression_ratio"),
     "deflate_bomb": ("ResponseLimitExceeded", "ResponseLimits.max_compression_ratio"),
     "huge_body": ("ResponseLimitExceeded", "ResponseLimits.max_body_bytes"),
@@ -45,6 +45,17 @@ HEAVY = {
     "trickled_body": ("ResponseLimitExceeded", "did not finish sending its answer within the request timeout"),
     "trickled_head": ("EndpointUnreachable", "did not answer in time"),
     "silent": ("EndpointUnreachable", "did not answer in time"),
+    "retry_after_huge": ("ClientError", "HTTP 503"),
+    "not_json": ("MalformedResponse", "not JSON"),
+    "html": ("MalformedResponse", "HTML page"),
+    "sse": ("MalformedResponse", "server-sent event stream, though the request did not ask to stream"),
+    "deep_json": ("MalformedResponse", "nested too deeply"),
+    "empty_choices": ("MalformedResponse", "empty choices list"),
+    "content_number": ("MalformedResponse", "content is a number"),
+    "content_object": ("MalformedResponse", "content is an object"),
+    "content_null": (None, ""),
+    "content_parts": (None, "forty-two"),
+    **{name: (None, "fine") for name in FAULTS if name.startswith("usage_")},
 }
 
 _MEASURE = textwrap.dedent("""
@@ -56,25 +67,25 @@ _MEASURE = textwrap.dedent("""
             fields = dict(line.split(":", 1) for line in file)
         return {key: int(fields[key].split()[0]) for key in ("VmHWM", "VmRSS")}
 
-    base, timeout, names = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+    base, timeout, name = sys.argv[1], float(sys.argv[2]), sys.argv[3]
     messages = [{"role": "user", "content": "hi"}]
-    def client(name):
-        return OpenAICompatibleClient("m", api_url=f"{base}/{name}/v1", timeout=timeout, max_retries=0)
-    client("content_parts").complete(messages)  # everything a call imports is loaded before measuring
-    for name in names:
-        with open("/proc/self/clear_refs", "w") as file:
-            file.write("5")  # the peak RSS starts again from the current RSS
-        before = status()["VmRSS"]
-        started = time.monotonic()
-        try:
-            client(name).complete(messages)
-            error = None
-        except Exception as exc:
-            error = exc
-        print(json.dumps({
-            "name": name, "seconds": time.monotonic() - started, "growth_kib": status()["VmHWM"] - before,
-            "type": type(error).__name__, "message": str(error),
-        }), flush=True)
+    def client(name, timeout=timeout):  # the default retries, as a user meets them
+        return OpenAICompatibleClient("m", api_url=f"{base}/{name}/v1", timeout=timeout)
+    client("content_parts", 60).complete(messages)  # everything a call imports is loaded before measuring
+    print("ready", flush=True)
+    sys.stdin.readline()  # measured when told to, once every case is loaded
+    with open("/proc/self/clear_refs", "w") as file:
+        file.write("5")  # the peak RSS starts again from the current RSS
+    before = status()["VmRSS"]
+    started = time.monotonic()
+    try:
+        text, error = client(name).complete(messages).text, None
+    except Exception as exc:
+        text, error = "", exc
+    print(json.dumps({
+        "name": name, "seconds": time.monotonic() - started, "growth_kib": status()["VmHWM"] - before,
+        "type": type(error).__name__ if error else None, "message": str(error) if error else text,
+    }), flush=True)
 """)
 
 
@@ -90,29 +101,44 @@ def measured() -> dict[str, dict]:
     cases = {}
     with HostileServer(by_path) as server:
         base = server.url.removesuffix("/v1")
-        # A fresh process per case (run side by side): memory freed by an earlier case would hide growth.
+        # A fresh process per case: memory freed by an earlier case would hide growth. They are
+        # loaded side by side, then measured one at a time: a case's time is its own, not that
+        # of a machine busy with the others.
         running = [
-            subprocess.Popen([sys.executable, "-c", _MEASURE, base, str(TIMEOUT), name],
+            subprocess.Popen([sys.executable, "-c", _MEASURE, base, str(TIMEOUT), name], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for name in HEAVY
+            for name in FAULTS
         ]
-        for process in running:
-            out, err = process.communicate(timeout=120)
-            assert process.returncode == 0, err
-            case = json.loads(out)
-            cases[case["name"]] = case
+        try:
+            for process in running:
+                assert process.stdout.readline() == "ready\n", process.communicate(timeout=60)[1]
+            for process in running:
+                out, err = process.communicate("go\n", timeout=60)
+                assert process.returncode == 0, err
+                case = json.loads(out)
+                cases[case["name"]] = case
+        finally:
+            for process in running:
+                if process.poll() is None:  # left waiting by a failure above
+                    process.kill()
+                    process.communicate()
     return cases
 
 
-@pytest.mark.parametrize("fault", sorted(HEAVY))
+def test_every_fault_has_its_outcome_stated():
+    assert sorted(OUTCOMES) == sorted(FAULTS)
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_a_hostile_answer_costs_little_memory_and_time_and_says_what_was_wrong(measured, fault):
     case = measured[fault]
-    kind, text = HEAVY[fault]
+    kind, text = OUTCOMES[fault]
     assert case["type"] == kind, case["message"]
     assert text in case["message"]
-    assert "127.0.0.1:" in case["message"]  # the server is named
+    if kind is not None:
+        assert "127.0.0.1:" in case["message"]  # the server is named
     assert case["growth_kib"] < 64 * 1024, f"{fault}: peak RSS grew {case['growth_kib'] / 1024:.0f} MiB"
-    assert case["seconds"] < 2 * TIMEOUT
+    assert case["seconds"] <= 2 * TIMEOUT, f"{fault}: {case['seconds']:.2f} s"
 
 
 def client_for(server: HostileServer, **options) -> OpenAICompatibleClient:
@@ -124,16 +150,9 @@ def client_for(server: HostileServer, **options) -> OpenAICompatibleClient:
 # -- what the body says ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fault", "text"), [
-    ("not_json", "not JSON"),
-    ("html", "HTML page"),
-    ("sse", "server-sent event stream, though the request did not ask to stream"),
-    ("deep_json", "nested too deeply"),
-    ("empty_choices", "empty choices list"),
-    ("content_number", "content is a number"),
-    ("content_object", "content is an object"),
-])
-def test_an_unusable_answer_is_one_error_naming_the_server_and_the_fault(fault, text):
+@pytest.mark.parametrize("fault", [name for name, (kind, _) in OUTCOMES.items() if kind == "MalformedResponse"])
+def test_an_unusable_answer_is_one_error_naming_the_server_and_the_fault(fault):
+    text = OUTCOMES[fault][1]
     with HostileServer(fault) as server:
         with pytest.raises(MalformedResponse) as caught:
             client_for(server).complete(MESSAGES)
@@ -282,11 +301,11 @@ def peak_growth_kib(work) -> tuple[object, int]:
 
 
 @pytest.mark.parametrize("level", available_levels())
-def test_a_sub_call_past_a_cap_fails_that_call_only_at_every_level(level):
-    answers = iter(["huge_content", "empty_choices", "content_null"])
+def test_at_every_level_a_sub_call_past_a_cap_fails_that_call_and_a_silent_server_ends_the_run_in_time(level):
+    faults = {"a": "huge_content", "b": "empty_choices", "n": "content_null", "s": "silent"}
 
-    def answer(request) -> Fault:
-        name = next(answers, None)
+    def answer(request) -> Fault:  # by the prompt: a retry meets the same fault
+        name = faults.get(json.loads(request.body)["messages"][-1]["content"])
         return FAULTS[name] if name else Fault(body=lambda: (chat_body("fine"),))
 
     code = "\n".join([
@@ -296,16 +315,24 @@ def test_a_sub_call_past_a_cap_fails_that_call_only_at_every_level(level):
         "        llm_query(prompt)",
         "    except Exception as exc:",
         "        caught.append(type(exc).__name__)",
-        "FINAL(llm_query('c') + ' after ' + str(len(caught)))",
+        "print(llm_query('c') + ' after ' + str(len(caught)))",
+        "FINAL(llm_query('s'))",
     ])
     root = ScriptedModel([f"{FENCE}repl\n{code}\n{FENCE}"])
+
+    def run() -> None:
+        with pytest.raises(EndpointUnreachable, match="did not answer in time"):  # unusable: it ends the run
+            rlm.completion("some context", "go")
+
     with HostileServer(answer) as server:
-        rlm = RLM_REPL(client=root, sub_client=client_for(server), sandbox=level)
-        result, growth = peak_growth_kib(lambda: rlm.completion("some context", "go"))
-    assert result == "fine after 3"
-    errors = [event.error for event in rlm.trace if event.type == "sub_call"]
+        rlm = RLM_REPL(client=root, sub_client=client_for(server, max_retries=3), sandbox=level)
+        _, growth = peak_growth_kib(run)
+    calls = [event for event in rlm.trace if event.type == "sub_call"]
+    assert [event.prompt for event in calls] == ["a", "b", "n", "c", "s"]
+    errors = [event.error for event in calls]
     assert "ResponseLimits.max_body_bytes" in errors[0] and "empty choices" in errors[1]
     assert "sent no text" in errors[2] and errors[3] is None
+    assert "did not answer in time" in errors[4] and calls[4].latency <= 2 * TIMEOUT, f"{calls[4].latency:.2f} s"
     assert growth < 64 * 1024
 
 
@@ -341,6 +368,29 @@ def test_a_failing_root_call_ends_the_run_with_its_trajectory_kept():
     assert kinds[-2:] == ["error", "run_end"] and rlm.trace[-1].status == "error"
 
 
+def test_response_limits_are_public_and_given_to_rlm_repl_reach_its_root_and_sub_clients():
+    import rlm
+
+    assert rlm.ResponseLimits is ResponseLimits and {"ResponseLimits", "ResponseLimitExceeded"} <= set(rlm.__all__)
+    code = "try:\n    llm_query('big')\nexcept Exception as exc:\n    FINAL(str(exc))"
+
+    def answer(request) -> Fault:
+        if json.loads(request.body)["messages"][-1]["content"] == "big":
+            return Fault(body=lambda: (chat_body("x" * 4096),))
+        return Fault(body=lambda: (chat_body(f"{FENCE}repl\n{code}\n{FENCE}"),))
+
+    with HostileServer(answer) as server:
+        def run(max_body_bytes: int) -> str | None:
+            limits = rlm.ResponseLimits(max_body_bytes=max_body_bytes)
+            with RLM_REPL("m", "m", api_url=server.url, sandbox="inprocess", response_limits=limits,
+                          context_window=100_000) as made:
+                return made.completion("some context", "go")
+
+        assert "ResponseLimits.max_body_bytes" in run(2048)  # the root's reply fits, the sub-call's does not
+        with pytest.raises(ResponseLimitExceeded, match="max_body_bytes"):
+            run(128)  # the root's reply does not fit either
+
+
 def test_usage_a_server_reports_negative_cannot_get_a_run_past_its_token_budget():
     code = "\n".join(["for i in range(30):", "    llm_query(f'question {i}')", "FINAL('done')"])
 
@@ -365,41 +415,58 @@ def test_usage_a_server_reports_negative_cannot_get_a_run_past_its_token_budget(
     assert 6 <= calls <= 10
 
 
-# -- the Anthropic client reads under the same caps ------------------------------------------------
+# -- the Anthropic client reads under the same caps and the same deadline ---------------------------
+
+
+def anthropic_complete(server: HostileServer, *, asynchronous: bool, **options) -> None:
+    """One call of an Anthropic client to `server`, blocking or awaited."""
+    anthropic_client = pytest.importorskip("rlm.utils.anthropic_client")
+    client = anthropic_client.AnthropicClient(
+        "claude-x", api_url=server.url.removesuffix("/v1"), api_key="k", timeout=TIMEOUT, **options
+    )
+
+    async def call() -> None:
+        try:
+            await client.acomplete(MESSAGES)
+        finally:
+            await client.aclose()
+
+    try:
+        if asynchronous:
+            asyncio.run(call())
+        else:
+            client.complete(MESSAGES)
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
 @pytest.mark.parametrize("fault", ["gzip_bomb", "huge_content"])
 def test_the_anthropic_client_refuses_an_answer_past_a_cap(fault, asynchronous):
-    anthropic_client = pytest.importorskip("rlm.utils.anthropic_client")
     with HostileServer(fault) as server:
-        client = anthropic_client.AnthropicClient(
-            "claude-x", api_url=server.url.removesuffix("/v1"), api_key="k", timeout=TIMEOUT, max_retries=0
-        )
         started = time.monotonic()
         with pytest.raises(ResponseLimitExceeded):
-            if asynchronous:
-                async def call() -> None:
-                    try:
-                        await client.acomplete(MESSAGES)
-                    finally:
-                        await client.aclose()
-
-                asyncio.run(call())
-            else:
-                client.complete(MESSAGES)
-        client.close()
+            anthropic_complete(server, asynchronous=asynchronous, max_retries=0)
     assert time.monotonic() - started < 2 * TIMEOUT
 
 
+@pytest.mark.parametrize(("fault", "asynchronous"), [
+    ("trickled_head", False), ("trickled_head", True), ("silent", True), ("trickled_body", False),
+])
+def test_the_anthropic_client_ends_within_twice_its_timeout_with_its_default_retries(fault, asynchronous):
+    kind, text = OUTCOMES[fault]
+    with HostileServer(fault) as server:
+        started = time.monotonic()
+        with pytest.raises(ClientError, match=text) as caught:
+            anthropic_complete(server, asynchronous=asynchronous)
+        elapsed = time.monotonic() - started
+    assert type(caught.value).__name__ == kind
+    assert elapsed <= 2 * TIMEOUT, f"{elapsed:.2f} s"
+
+
 def test_the_anthropic_client_follows_no_redirect():
-    anthropic_client = pytest.importorskip("rlm.utils.anthropic_client")
     with HostileServer(lambda request: Fault(body=lambda: (b"{}",))) as elsewhere:
         with HostileServer(redirect(elsewhere.url + "/messages")) as server:
-            client = anthropic_client.AnthropicClient(
-                "claude-x", api_url=server.url.removesuffix("/v1"), api_key="k", timeout=TIMEOUT, max_retries=0
-            )
             with pytest.raises(ClientError) as caught:
-                client.complete(MESSAGES)
-            client.close()
+                anthropic_complete(server, asynchronous=False, max_retries=0)
     assert caught.value.status == 307 and elsewhere.requests == []

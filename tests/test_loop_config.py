@@ -21,9 +21,10 @@ from rlm.utils.llm import Completion
         ({"sandbox": 123}, ["sandbox", "'auto'", "'subprocess'", "factory", "123"]),
         ({"sandbox": "nope"}, ["'nope'", "auto", "bwrap", "strict", "subprocess", "inprocess"]),
         ({"max_depth": -1}, ["max_depth", "0", "1", "-1"]),
+        ({"response_limits": {"max_body_bytes": 1024}}, ["response_limits", "rlm.ResponseLimits(", "1024"]),
     ],
     ids=["fractional_max_iterations", "zero_max_output_length", "sandbox_not_a_name", "unknown_sandbox",
-         "negative_max_depth"],
+         "negative_max_depth", "response_limits_not_a_ResponseLimits"],
 )
 def test_bad_options_are_config_errors_when_made(options: dict[str, Any], says: list[str]) -> None:
     with pytest.raises(ConfigError) as caught:

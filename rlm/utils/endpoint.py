@@ -3,34 +3,29 @@
 `JSONEndpoint` is what the OpenAI-compatible client sends through: per event loop an async
 httpx2 client (proxies from the environment as httpx2 reads them); the blocking `post()`
 and `get()` run the same code on a loop of their own, on a connection of their own. Every
-answer is read under `ResponseLimits` (`rlm.utils.limits`), and each attempt, from
-connecting to the body's last byte, ends within `timeout` seconds: a server trickling its
-answer cannot stretch it.
+answer is read under `ResponseLimits` (`rlm.utils.limits`); each attempt, from connecting
+to the body's last byte, ends within `timeout` seconds (`read_within`: a server trickling
+its answer cannot stretch it), and the whole call, retries and their waits included,
+within twice `timeout` (`rlm.utils.retry.CallSchedule`).
 
-Retries: connection failures, a server silent past the timeout and the statuses 408, 409,
-429 and 5xx are retried `max_retries` times, waiting what the server asks (`Retry-After`,
-`retry-after-ms`; up to `ResponseLimits.max_retry_wait`) or else 0.5 s doubling to 8 s;
-both with jitter, so that a fan-out does not retry in lockstep. An answer past a cap is
-never retried. Redirects are followed only within the endpoint's origin (the prompt and the
-key go nowhere else).
+Retries follow `rlm.utils.retry`: connection failures, a server silent past the timeout and
+the statuses 408, 409, 429 and 5xx are retried up to `max_retries` times, with backoff and
+jitter. An answer past a cap is never retried. Redirects are followed only within the
+endpoint's origin (the prompt and the key go nowhere else).
 
 `translated_errors` does the same translation for an SDK's exceptions (the Anthropic
-client's). Every message names the URL and says what to try.
+client's), and `sdk_retried` the same retry rule. Every message names the URL and says what
+to try.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import datetime
-import email.utils
 import functools
-import itertools
 import json
-import random
 import ssl
 import threading
-import time
 import weakref
 from typing import Any, Awaitable, Callable, NoReturn, TypeVar
 
@@ -38,18 +33,16 @@ import httpx2
 
 from rlm.errors import ClientError, ConfigError, EndpointUnreachable, MalformedResponse, ResponseLimitExceeded
 from rlm.utils.limits import ACCEPT_ENCODING, ResponseLimits, origin_of, response_hooks
+from rlm.utils.retry import CallSchedule, check_timing, retried_status, told_wait
 
 __all__ = [
-    "JSONEndpoint", "LoopBound", "translated_errors", "decoded_json", "ssl_context", "closing_http_client",
-    "guarded_options",
+    "JSONEndpoint", "LoopBound", "translated_errors", "sdk_retried", "decoded_json", "ssl_context",
+    "guarded_options", "read_within", "run_blocking",
 ]
 
 _T = TypeVar("_T")
-_RETRIED_STATUSES = frozenset({408, 409, 429})
-_FIRST_WAIT, _LONGEST_WAIT = 0.5, 8.0
 _CONNECT_TIMEOUT = 10.0
 _MAX_REDIRECTS = 5
-_MAX_RETRIES = 20
 # httpx2's HTTP/1.1 parser (h11, through httpcore2) holds at most this much of an unfinished
 # head and then fails with this text: a head that long is a cap hit, not a broken connection.
 _HEAD_BUFFER = 100 * 1024
@@ -57,14 +50,12 @@ _HEAD_OVERFLOW = "Receive buffer too long"
 
 
 class JSONEndpoint:
-    """POST and GET JSON to one base URL with fixed headers, a timeout per attempt, retries and caps."""
+    """POST and GET JSON to one base URL with fixed headers, a timeout per attempt (twice it
+    for the whole call, retries included), retries and caps."""
 
     def __init__(self, base_url: str, headers: dict[str, str], *, timeout: float, max_retries: int,
                  limits: ResponseLimits | None = None) -> None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
-            raise ConfigError(f"the request timeout must be a number of seconds above 0, got {timeout!r}")
-        if type(max_retries) is not int or not 0 <= max_retries <= _MAX_RETRIES:
-            raise ConfigError(f"max_retries must be a whole number from 0 to {_MAX_RETRIES}, got {max_retries!r}")
+        check_timing(timeout, max_retries)
         self.base_url = base_url
         self._timeout = float(timeout)
         self._max_retries = max_retries
@@ -73,14 +64,14 @@ class JSONEndpoint:
             "base_url": base_url + "/",
             "headers": {"Accept-Encoding": ACCEPT_ENCODING, **headers},
             "timeout": httpx2.Timeout(timeout, connect=min(timeout, _CONNECT_TIMEOUT)),
-            **guarded_options(self._limits, None, asynchronous=True),  # the attempt's deadline is ours (_attempt)
+            **guarded_options(self._limits),
         }
         # One async client per event loop: its connections belong to the loop that made them.
         self._async = LoopBound(self._new_async_client, close=lambda client: client.aclose())
 
     def post(self, path: str, body: dict) -> Any:
         """POST `body` as JSON to `path` (relative to the base URL); the decoded JSON reply."""
-        return self._blocking(lambda: self.apost(path, body))
+        return run_blocking(lambda: self.apost(path, body), self._async.aclose)
 
     async def apost(self, path: str, body: dict) -> Any:
         """The same, awaitable, over the current event loop's connections."""
@@ -89,7 +80,7 @@ class JSONEndpoint:
 
     def get(self, path: str) -> tuple[Any, str]:
         """GET `path`; the decoded JSON reply and its text (for error messages)."""
-        response = self._blocking(lambda: self._exchange("GET", path, None))
+        response = run_blocking(lambda: self._exchange("GET", path, None), self._async.aclose)
         return decoded_json(response, self.base_url), response.text
 
     def close(self) -> None:
@@ -99,52 +90,35 @@ class JSONEndpoint:
         """Release the current event loop's connections (made again on the next `apost`)."""
         await self._async.aclose()
 
-    def _blocking(self, work: Callable[[], Awaitable[_T]]) -> _T:
-        """Run `work` on an event loop of its own (in a helper thread when this one runs a loop)."""
-        async def once() -> _T:
-            try:
-                return await work()
-            finally:
-                await self._async.aclose()
-
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(once())
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(asyncio.run, once()).result()
-
     async def _exchange(self, method: str, path: str, content: bytes | None) -> httpx2.Response:
         """The first answer not to be retried, read whole (under the caps); raises when attempts run out."""
+        schedule = CallSchedule(self._timeout, self._max_retries, self._limits.max_retry_wait)
         client = self._async.get()
-        for attempt in itertools.count():
+        while True:
             try:
-                outcome: httpx2.Response | httpx2.TransportError = await self._attempt(client, method, path, content)
+                outcome: httpx2.Response | httpx2.TransportError = await self._attempt(
+                    client, method, path, content, schedule.allowance()
+                )
             except httpx2.RequestError as exc:
                 outcome = self._failure(exc)
-            if isinstance(outcome, httpx2.Response) and not _retried(outcome.status_code):
+            if isinstance(outcome, httpx2.Response) and not retried_status(outcome.status_code):
                 if outcome.status_code >= 400:
                     self._give_up(outcome)
                 return outcome
-            await asyncio.sleep(self._wait(attempt, outcome))
-        raise AssertionError("unreachable")  # itertools.count() never ends
+            told = told_wait(outcome.headers) if isinstance(outcome, httpx2.Response) else None
+            if not await schedule.pause(told):
+                self._give_up(outcome)
 
-    async def _attempt(self, client: httpx2.AsyncClient, method: str, path: str, content: bytes | None
-                       ) -> httpx2.Response | httpx2.TransportError:
-        """One attempt, redirects within the origin included, bounded as a whole by the timeout."""
-        phase = ["waiting"]  # "reading" once a body is on its way
+    async def _attempt(self, client: httpx2.AsyncClient, method: str, path: str, content: bytes | None,
+                       allowance: float) -> httpx2.Response:
+        """One attempt, redirects within the origin included, bounded as a whole by `allowance` seconds."""
+        attempt = _Attempt(self.base_url)
 
         async def exchange() -> httpx2.Response:
             target: str | httpx2.URL = path
             for _ in range(_MAX_REDIRECTS + 1):
                 request = client.build_request(method, target, content=content, headers=_JSON if content else None)
-                phase[0] = "waiting"
-                response = await client.send(request, stream=True)
-                phase[0] = "reading"
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
+                response = await attempt.read(functools.partial(client.send, request, stream=True))
                 location = self._redirect_target(response)
                 if location is None:
                     return response
@@ -152,16 +126,7 @@ class JSONEndpoint:
             raise ClientError(f"the model endpoint {self.base_url} redirected more than {_MAX_REDIRECTS} times; "
                               "set RLM_API_URL (or api_url=) to the final URL", url=self.base_url)
 
-        try:
-            return await asyncio.wait_for(exchange(), self._timeout)
-        except asyncio.TimeoutError:
-            if phase[0] == "reading":  # headers came, the body did not finish: not worth another try
-                raise ResponseLimitExceeded(
-                    f"the model endpoint {self.base_url} did not finish sending its answer within the request timeout "
-                    f"({self._timeout:g} s for a whole attempt); a server that trickles its answer is cut off there",
-                    url=self.base_url, limit="timeout",
-                ) from None
-            return httpx2.ReadTimeout(f"no answer within {self._timeout:g} s")
+        return await attempt.within(exchange(), allowance)
 
     def _redirect_target(self, response: httpx2.Response) -> httpx2.URL | None:
         """Where a redirect leads, when it may be followed: within the origin, keeping the method."""
@@ -184,15 +149,6 @@ class JSONEndpoint:
             f"{target}, which would drop the request body; set RLM_API_URL (or api_url=) to the final URL",
             url=self.base_url, status=status,
         )
-
-    def _wait(self, attempt: int, outcome: httpx2.Response | httpx2.TransportError) -> float:
-        """Seconds to wait after failed attempt number `attempt` (from 0); raises after the last."""
-        if attempt >= self._max_retries:
-            self._give_up(outcome)
-        told = _told_wait(outcome.headers) if isinstance(outcome, httpx2.Response) else None
-        if told is not None and 0 <= told <= self._limits.max_retry_wait:
-            return told * (1 + 0.1 * random.random())
-        return min(_FIRST_WAIT * 2**attempt, _LONGEST_WAIT) * (1 - 0.25 * random.random())
 
     def _failure(self, exc: httpx2.RequestError) -> httpx2.TransportError:
         """A failure worth another attempt; raises at once for those that no retry can mend."""
@@ -235,13 +191,70 @@ class JSONEndpoint:
 _JSON = {"Content-Type": "application/json"}
 
 
-def guarded_options(limits: ResponseLimits, timeout: float | None, *, asynchronous: bool) -> dict[str, Any]:
-    """httpx2 client options that read every answer under `limits` and follow no redirect by themselves."""
-    return {"event_hooks": response_hooks(limits, timeout, asynchronous=asynchronous), "follow_redirects": False}
+def guarded_options(limits: ResponseLimits) -> dict[str, Any]:
+    """httpx2 async client options that read every answer under `limits` and follow no redirect by themselves."""
+    return {"event_hooks": response_hooks(limits), "follow_redirects": False}
 
 
-def _retried(status: int) -> bool:
-    return status in _RETRIED_STATUSES or status >= 500
+class _Attempt:
+    """One attempt at a request, bounded in time as a whole.
+
+    `within(work, seconds)` runs `work`, which gets its answers through `read`, for at most
+    `seconds`. Cut off while waiting for an answer, it raises `httpx2.ReadTimeout` (worth
+    another attempt); cut off while a body was arriving, `ResponseLimitExceeded` (a server
+    trickling its answer would do it again).
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._reading = False
+
+    async def read(self, send: Callable[[], Awaitable[httpx2.Response]]) -> httpx2.Response:
+        """The answer `send()` gets (its headers), with its body read whole and the stream closed."""
+        self._reading = False
+        response = await send()
+        self._reading = True
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
+    async def within(self, work: Awaitable[_T], seconds: float) -> _T:
+        try:
+            return await asyncio.wait_for(work, seconds)
+        except asyncio.TimeoutError:
+            if self._reading:
+                raise ResponseLimitExceeded(
+                    f"the model endpoint {self._url} did not finish sending its answer within the request timeout "
+                    f"(cut off after {seconds:.3g} s: an attempt, body included, may take the timeout, and a call "
+                    "with its retries twice it); a server that trickles its answer is cut off there",
+                    url=self._url, limit="timeout",
+                ) from None
+            raise httpx2.ReadTimeout(f"no answer within {seconds:.3g} s") from None
+
+
+async def read_within(send: Callable[[], Awaitable[httpx2.Response]], seconds: float, url: str) -> httpx2.Response:
+    """The answer `send()` gets, its body read whole, within `seconds` (see `_Attempt.within`)."""
+    attempt = _Attempt(url)
+    return await attempt.within(attempt.read(send), seconds)
+
+
+def run_blocking(work: Callable[[], Awaitable[_T]], release: Callable[[], Awaitable[None]]) -> _T:
+    """Run `work()` on an event loop of its own (in a helper thread when this one runs a loop),
+    then `release()` what it held on that loop."""
+    async def once() -> _T:
+        try:
+            return await work()
+        finally:
+            await release()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(once())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, once()).result()
 
 
 def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
@@ -254,28 +267,6 @@ def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
-
-
-def _told_wait(headers: httpx2.Headers) -> float | None:
-    """The wait a server asked for in `retry-after-ms` or `Retry-After` (seconds or a date)."""
-    try:
-        return float(headers["retry-after-ms"]) / 1000
-    except (KeyError, ValueError):
-        pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (ValueError, TypeError):  # a header we cannot read: wait our own way
-        return None
-    if moment.tzinfo is None:  # asctime form and "-0000": HTTP dates are always UTC
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return moment.timestamp() - time.time()
 
 
 # -- our errors, with the same messages whichever way the request went --------------------------
@@ -373,6 +364,16 @@ class translated_errors:
         return False
 
 
+def sdk_retried(exc: BaseException, sdk: Any) -> bool:
+    """Whether an SDK's exception is worth another attempt, by the rule of `rlm.utils.retry`: a
+    retried status, or no answer (but not a cap of ours hit, nor a TLS failure)."""
+    if isinstance(exc, sdk.APIStatusError):
+        return retried_status(exc.status_code)
+    if isinstance(exc, sdk.APIConnectionError):
+        return not isinstance(exc.__cause__ or exc.__context__, ClientError) and _tls_failure(exc) is None
+    return False
+
+
 def _brief(body: str) -> str:
     try:
         payload = json.loads(body)
@@ -430,21 +431,3 @@ class LoopBound:
 def ssl_context() -> ssl.SSLContext:
     """One TLS context for every client: building one per client costs ~40 ms."""
     return ssl.create_default_context()
-
-
-def closing_http_client(base: type, **options: Any) -> Any:
-    """A blocking httpx2 client (or an SDK's subclass) sharing our TLS context, closed when collected.
-
-    (The SDKs close the HTTP clients they make themselves on collection; one passed in would
-    otherwise leave its sockets open until exit.)
-    """
-    return _closing_subclass(base)(verify=ssl_context(), **options)
-
-
-@functools.lru_cache(maxsize=None)
-def _closing_subclass(base: type) -> type:
-    def __del__(self: Any) -> None:
-        if not self.is_closed:
-            self.close()
-
-    return type(f"Closing{base.__name__}", (base,), {"__del__": __del__})

@@ -8,16 +8,16 @@ header bytes are counted against `max_header_bytes`. The guard is put on every r
 an httpx2 response hook (`response_hooks`), so it holds whichever transport (or proxy)
 carried the request. A cap hit raises `ResponseLimitExceeded` naming the server and the cap.
 
-The time caps (a deadline per attempt, the longest `Retry-After` honoured) are applied by
-the callers (`rlm.utils.endpoint`), which know where an attempt starts.
+The time caps (a deadline per attempt and per call, the longest `Retry-After` honoured) are
+applied by the callers (`rlm.utils.endpoint`, `rlm.utils.retry`), which know where an
+attempt and a call start.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 import zlib
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator
 
 import httpx2
 
@@ -149,44 +149,24 @@ class BodyGuard:
         )
 
 
-class _GuardedStream(httpx2.SyncByteStream, httpx2.AsyncByteStream):
+class _GuardedStream(httpx2.AsyncByteStream):
     """A response body read through a `BodyGuard` (the raw stream is closed with it)."""
 
-    def __init__(self, raw: httpx2.SyncByteStream | httpx2.AsyncByteStream, guard: BodyGuard,
-                 deadline: float | None) -> None:
+    def __init__(self, raw: httpx2.AsyncByteStream, guard: BodyGuard) -> None:
         self._raw = raw
         self._guard = guard
-        self._deadline = deadline
-
-    def __iter__(self) -> Iterator[bytes]:
-        for raw in self._raw:  # type: ignore[union-attr]
-            self._check_time()
-            yield from self._guard.feed(raw)
-        self._guard.end()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for raw in self._raw:  # type: ignore[union-attr]
-            self._check_time()
+        async for raw in self._raw:
             for piece in self._guard.feed(raw):
                 yield piece
         self._guard.end()
 
-    def close(self) -> None:
-        self._raw.close()  # type: ignore[union-attr]
-
     async def aclose(self) -> None:
-        await self._raw.aclose()  # type: ignore[union-attr]
-
-    def _check_time(self) -> None:
-        if self._deadline is not None and time.monotonic() > self._deadline:
-            raise ResponseLimitExceeded(
-                f"the model endpoint {self._guard.server} did not finish sending its answer in time "
-                "(the request timeout bounds each attempt, body included)",
-                url=self._guard.server, limit="timeout",
-            )
+        await self._raw.aclose()
 
 
-def guard_response(response: httpx2.Response, limits: ResponseLimits, body_timeout: float | None) -> None:
+def guard_response(response: httpx2.Response, limits: ResponseLimits) -> None:
     """Put `response`'s body under a `BodyGuard`, after checking its headers and length."""
     server = origin_of(response.request.url)
     head = sum(len(name) + len(value) + 4 for name, value in response.headers.raw)
@@ -213,23 +193,13 @@ def guard_response(response: httpx2.Response, limits: ResponseLimits, body_timeo
     # Decoded here, so httpx2 must not decode again, nor hold the body to the sent length.
     for name in ("content-encoding", "content-length"):
         response.headers.pop(name, None)
-    deadline = None if body_timeout is None else time.monotonic() + body_timeout
-    response.stream = _GuardedStream(response.stream, BodyGuard(limits, coding, server), deadline)
+    response.stream = _GuardedStream(response.stream, BodyGuard(limits, coding, server))  # type: ignore[arg-type]
 
 
-def response_hooks(limits: ResponseLimits, body_timeout: float | None, *, asynchronous: bool) -> dict:
-    """`event_hooks` for an httpx2 client that guard every response it reads.
-
-    `body_timeout` bounds, between pieces, the time a body may take once its headers came
-    (the asynchronous path bounds the whole attempt besides, see `rlm.utils.endpoint`).
-    """
-    if asynchronous:
-        async def guard_async(response: httpx2.Response) -> None:
-            guard_response(response, limits, body_timeout)
-
-        return {"response": [guard_async]}
-
-    def guard(response: httpx2.Response) -> None:
-        guard_response(response, limits, body_timeout)
+def response_hooks(limits: ResponseLimits) -> dict:
+    """`event_hooks` for an async httpx2 client that guard every response it reads (the time an
+    answer may take is bounded by the caller, `rlm.utils.endpoint`)."""
+    async def guard(response: httpx2.Response) -> None:
+        guard_response(response, limits)
 
     return {"response": [guard]}

@@ -111,8 +111,9 @@ class OpenAICompatibleClient:
 
     `model="auto"` asks the endpoint's `GET /models` and takes the first model listed (once,
     on first use). Failed requests are retried `max_retries` times with backoff (see
-    `rlm.utils.endpoint`); `timeout` bounds each attempt, in seconds, from connecting to the
-    answer's last byte; `limits` caps what an answer may hold (default `ResponseLimits()`).
+    `rlm.utils.retry`); `timeout` bounds each attempt, in seconds, from connecting to the
+    answer's last byte, and twice it the whole call, every retry and wait included (a retry
+    gets only what remains); `limits` caps what an answer may hold (default `ResponseLimits()`).
     """
 
     def __init__(
