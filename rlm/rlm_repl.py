@@ -17,6 +17,7 @@ from rlm.engine import Limits, Run, Settings, Tree
 from rlm.errors import BudgetExceeded, ConfigError
 from rlm.providers import resolve_client
 from rlm.repl import SandboxFactory, context_source
+from rlm.result import RLMResult, run_with
 from rlm.rlm import RLM
 from rlm.sandbox import AUTO, SandboxLimits, check_available, resolve_level
 from rlm.usage import UsageLedger
@@ -155,12 +156,17 @@ class RLM_REPL(RLM):
         A thin wrapper over `acompletion()`; inside a running event loop (a notebook) it runs
         the loop in a helper thread.
         """
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.acompletion(context=context, query=query))
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(asyncio.run, self.acompletion(context=context, query=query)).result()
+        return _run_sync(self.acompletion(context=context, query=query))
+
+    def run(self, context: Any, query: str) -> RLMResult:
+        """One run as an `RLMResult` (answer, status, usage, iterations, wall time, run id,
+        trajectory path): a failure of the run is its status, not an exception; only a mistake
+        in the call (`ConfigError`) raises."""
+        return _run_sync(self.arun(context=context, query=query))
+
+    async def arun(self, context: Any, query: str) -> RLMResult:
+        """The same as `run()`, awaitable."""
+        return await run_with(self, context, query)
 
     async def acompletion(self, context: Any, query: str) -> str | None:
         """The same as `completion()`, awaitable: sub-calls and child runs are concurrent tasks."""
@@ -243,6 +249,16 @@ class RLM_REPL(RLM):
 
     def _emit_error(self, run_id: str, turn: int, exc: BaseException) -> None:
         self.tracer.emit(ErrorEvent(run_id=run_id, turn=turn, kind=type(exc).__name__, message=str(exc)))
+
+
+def _run_sync(work: Any) -> Any:
+    """Run a coroutine to its end; inside a running event loop (a notebook), in a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(work)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, work).result()
 
 
 def _resolve_models(*clients: LLMClient) -> None:
