@@ -53,13 +53,22 @@ CASES = {
         '"prompts": [{"query": "q", "context": None, "format": "text", "file": True}]})',
         "1 context files announced, 0 sent",
     ),
-    "unsealed file": (
+    # A descriptor that grants no reading (O_PATH: Landlock lets it be opened anywhere), which the
+    # host, reopening it, would read for the worker; and one that is not a file at all.
+    "O_PATH file": (
         'import socket\n'
-        'handle = open("scratch.txt", "w+b")\n'
-        'socket.send_fds(socket.socket(fileno=os.dup(channel)), [b"c"], [handle.fileno()])\n'
+        'open("scratch.txt", "w").close()\n'
+        'socket.send_fds(socket.socket(fileno=os.dup(channel)), [b"c"], [os.open("scratch.txt", os.O_PATH)])\n'
         'forge({"op": "llm_query", "id": rid, "kind": "rlm_query", '
         '"prompts": [{"query": "q", "context": None, "format": "text", "file": True}]})',
-        "not sealed",
+        "a context file the worker did not open for reading",
+    ),
+    "pipe as a file": (
+        'import socket\n'
+        'socket.send_fds(socket.socket(fileno=os.dup(channel)), [b"c"], [os.pipe()[0]])\n'
+        'forge({"op": "llm_query", "id": rid, "kind": "rlm_query", '
+        '"prompts": [{"query": "q", "context": None, "format": "text", "file": True}]})',
+        "a context file that is not a regular file",
     ),
 }
 
@@ -136,17 +145,17 @@ def peak_kib():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
 
-def run(replies):
-    rlm, _, _ = make(replies, sandbox=sys.argv[1], max_iterations=len(replies), max_output_length=500_000)
+def run(replies, sub=("sub answer",)):
+    rlm, _, _ = make(replies, sub, sandbox=sys.argv[1], max_iterations=len(replies), max_output_length=500_000)
     try:
-        rlm.completion(context="ctx", query="q")
+        return rlm.completion(context="ctx", query="q")
     except Exception as exc:  # the point is the memory; the type is checked by the other tests
         print("raised", type(exc).__name__, file=sys.stderr)
 
 run([repl("print('warm up ' * 100_000)"), repl("FINAL('w' * 2_000_000)")])
 baseline = peak_kib()
-run(json.loads(sys.argv[2]))
-print(json.dumps({"baseline": baseline, "peak": peak_kib()}))
+answer = run(json.loads(sys.argv[2]), ["a" * int(sys.argv[3])] if len(sys.argv) > 3 else ("sub answer",))
+print(json.dumps({"baseline": baseline, "peak": peak_kib(), "answer": answer}))
 """
 
 
@@ -165,6 +174,33 @@ def test_a_hostile_worker_raises_the_hosts_peak_memory_by_less_than_64_mib(level
     memory = json.loads(probe.stdout)
     grown = (memory["peak"] - memory["baseline"]) / 1024
     assert grown < 64, f"host peak memory grew {grown:.1f} MiB ({probe.stderr})"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_batch_answered_from_the_cache_costs_the_host_one_reply_frame_not_every_copy(level):
+    """10,000 identical prompts make one sub-model call; the 10,000 copies of its 20 KB answer
+    (200 MB) go to the worker a frame at a time, never whole in the host."""
+    replies = [repl("r = llm_query_batched(['same prompt'] * 10_000)\nFINAL(f'{len(r)} {sum(map(len, r))}')")]
+    probe = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, level, json.dumps(replies), "20000"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    memory = json.loads(probe.stdout)
+    assert memory["answer"] == "10000 200000000", probe.stderr
+    grown = (memory["peak"] - memory["baseline"]) / 1024
+    assert grown < 64, f"host peak memory grew {grown:.1f} MiB ({probe.stderr})"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_worker_that_does_not_read_its_sub_call_answers_cannot_hold_the_host(level):
+    attack = FIND + 'forge({"op": "llm_query", "id": rid, "kind": "llm_query", "prompts": ["p"]})\ntime.sleep(60)'
+    replies = [repl(attack), repl("print(llm_query('again')[:3])"), "FINAL(done)"]
+    rlm, _, _ = make(replies, lambda messages: "a" * 300_000, sandbox=level, max_iterations=3, exec_timeout=2)
+    assert rlm.completion(context="ctx", query="q") == "done"
+    hostile, after = [event for event in rlm.trace if event.type == "exec"]
+    assert hostile.timed_out and hostile.restarted and "without reading the answers" in hostile.error
+    assert hostile.duration < 10
+    assert after.stdout == "aaa\n" and not after.restarted
 
 
 def test_completion_only_ever_raises_our_errors_when_the_worker_misbehaves_on_every_turn():

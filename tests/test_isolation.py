@@ -126,6 +126,16 @@ def test_memory_past_the_limit_is_a_memory_error_and_the_session_survives(limite
     assert ok(limited, "small = bytearray(64 * 1024 * 1024)\nprint(kept, len(small))") == f"yes {64 * MiB}\n"
 
 
+def test_descriptors_and_the_kernel_memory_they_hold_are_bounded(limited):
+    """Socket buffers count against no memory limit: the number of descriptors bounds them."""
+    code = (
+        "import socket\nheld = []\ntry:\n    for _ in range(5000):\n        held.append(socket.socketpair())\n"
+        "except OSError as exc:\n    print(len(held), exc.errno)\n"
+    )
+    pairs, code_number = ok(limited, code).split()
+    assert int(pairs) < 130 and int(code_number) == 24  # EMFILE, past 256 descriptors
+
+
 def test_a_file_past_the_size_limit_cannot_be_written(limited):
     result = run(limited, "with open('big.bin', 'wb') as f:\n    f.write(b'x' * (2 * 1024 * 1024))")
     assert result.error is not None and "File too large" in result.error
@@ -329,8 +339,16 @@ def test_seccomp_policy_is_an_auditable_allow_list():
         "utimensat", "setxattr", "lsetxattr", "fsetxattr", "link", "linkat", "inotify_init1", "inotify_add_watch",
         "fanotify_init", "flock", "statfs", "setrlimit", "io_uring_setup", "unshare", "setns", "mount", "bpf",
         "perf_event_open", "userfaultfd", "keyctl", "capset", "setuid", "seccomp", "landlock_create_ruleset",
+        "memfd_create", "memfd_secret", "mq_open",
     }
     assert not never & set(allowed)
+    # What is denied on purpose says why, and nothing allowed lets it through: not the call with
+    # any arguments, nor a checked row whose conditions all hold for the denied ones.
+    assert all(rule.why for rule in seccomp.DENIED)
+    for denied in seccomp.DENIED:
+        assert denied.syscall not in allowed
+        same_call = [rule for rule in seccomp.CHECKED if rule.syscall == denied.syscall]
+        assert not [rule for rule in same_call if set(rule.when) <= set(denied.when)]
 
 
 # -- files: nothing left behind -------------------------------------------------------------------

@@ -11,14 +11,17 @@ import pytest
 
 from rlm.sandbox.protocol import (
     HOST_FRAME_CAP,
+    HOST_FRAMES,
     MAX_JSON_ITEMS,
     WORKER_FRAME_CAP,
     WORKER_FRAMES,
     FrameReader,
     ProtocolError,
     ProtocolViolation,
+    check_frame,
     encode_frame,
     fit_frame,
+    result_frames,
     write_frame,
 )
 
@@ -243,3 +246,48 @@ def test_fit_frame_cuts_the_longest_text_with_a_mark_until_the_frame_fits():
     decoded = json.loads(frame[4:])
     assert "characters omitted" in decoded["stdout"] and decoded["stdout"].startswith("é")
     assert decoded["stderr"] == "short" and decoded["final"] == message["final"]
+
+
+# -- the host's answers to a sub-call ---------------------------------------------------------------
+
+
+def test_answers_go_in_frames_under_the_cap_that_say_whether_more_follow():
+    answers = ["a" * 1_000, "é" * 500] * 30 + ["z" * 20_000, "\0" * 5_000, "lone \ud800"]
+    frames = list(result_frames(7, answers, limit=10_000))
+    assert len(frames) > 5 and all(len(frame) - 4 <= 10_000 for frame in frames)
+    messages = [check_frame(json.loads(frame[4:]), HOST_FRAMES) for frame in frames]
+    assert [message["more"] for message in messages] == [True] * (len(frames) - 1) + [False]
+    assert {message["id"] for message in messages} == {7}
+    got = [answer for message in messages for answer in message["results"]]
+    assert got[:60] == answers[:60] and got[-1] == "lone ?"
+    for cut, kept in ((got[60], "z"), (got[61], "\0")):  # too long for a frame alone: cut, marked
+        assert cut.startswith(kept * 100) and cut.endswith(kept * 100) and "characters omitted" in cut
+    assert "the full text was 5,000 characters" in got[61]
+
+
+def test_no_answers_is_one_frame_and_one_answer_repeated_is_encoded_once():
+    assert [json.loads(frame[4:]) for frame in result_frames(1, [])] == [
+        {"op": "llm_result", "id": 1, "more": False, "results": []}]
+    answer = "x" * 1_000
+    frames = result_frames(2, [answer] * 10_000, limit=100_000)
+    first = json.loads(next(frames)[4:])  # made on demand: the rest are not built yet
+    assert first["more"] is True and 97 <= len(first["results"]) <= 100
+    assert sum(len(json.loads(frame[4:])["results"]) for frame in frames) == 10_000 - len(first["results"])
+
+
+def test_the_reader_waits_on_a_descriptor_numbered_past_1023(pipe):
+    """select() refuses such a descriptor (a host with many files open); the reader polls."""
+    import fcntl
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2048:
+        pytest.skip("needs 2048 descriptors")
+    read_fd, write_fd = pipe
+    high = fcntl.fcntl(read_fd, fcntl.F_DUPFD_CLOEXEC, 1024)
+    try:
+        reader = FrameReader(high)
+        assert reader.read(deadline=time.monotonic() + 0.05) is None
+        write_frame(write_fd, {"op": "late"})
+        assert reader.read(deadline=time.monotonic() + 5) == {"op": "late"}
+    finally:
+        os.close(high)

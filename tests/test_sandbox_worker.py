@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import RecordingBridge, make, ok, repl, run
-from rlm.sandbox import ContextSource, create_sandbox
+from rlm.sandbox import ContextSource, SandboxLimits, create_sandbox
 from rlm.sandbox import subprocess as subprocess_sandbox
 from rlm.sandbox.workerio import STDERR_KEPT
 
@@ -110,7 +110,7 @@ def test_restart_after_kill_also_cleans_up(worker_sandbox, monkeypatch):
 
 
 
-# -- what crosses the pipe: frames under the cap, sealed files, bounded stderr ---------------------
+# -- what crosses the pipe: frames under the cap, read-only files, bounded stderr ------------------
 
 
 def test_a_batch_too_large_for_one_frame_goes_as_several_requests(worker_sandbox, bridge):
@@ -129,18 +129,51 @@ def test_a_prompt_too_large_for_a_frame_fails_in_model_code_saying_the_limit(wor
     assert ok(worker_sandbox, "print(llm_query('fine'))") == "FINE\n"
 
 
-def test_a_large_rlm_query_context_comes_as_a_sealed_file_and_data_as_json_text(worker_sandbox):
+def test_answers_too_large_for_one_frame_come_in_several_and_one_too_long_alone_is_cut(worker_sandbox):
+    answers = {"many": "m" * 1_000_000, "huge": "é" * 3_000_000}
+    box = create_sandbox(worker_sandbox.name, lambda kind, prompts: [answers[prompt] for prompt in prompts])
+    try:
+        code = ("a = llm_query_batched(['many'] * 10 + ['huge'])\n"
+                "print(len(a), a[:10] == ['m' * 1_000_000] * 10, len(a[10].encode()) < 4 << 20, a[10][:2])\n"
+                "print('characters omitted; the full text was 3,000,000 characters' in a[10])")
+        assert ok(box, code) == "11 True True éé\nTrue\n"
+        assert ok(box, "print(llm_query('many') == 'm' * 1_000_000)") == "True\n"  # and the stream is in step
+    finally:
+        box.close()
+
+
+@pytest.mark.parametrize("level", ["subprocess", "strict"])
+def test_a_sandbox_works_while_the_host_has_more_than_1024_descriptors_open(bridge, level):
+    """select() refuses a descriptor numbered past 1023; every wait on a worker polls instead."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2048:
+        pytest.skip("needs 2048 descriptors")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with create_sandbox(level, bridge) as box:
+            assert box._held.worker.process.stdout.fileno() >= 1024  # noqa: SLF001 - the pipe the host waits on
+            assert ok(box, "print(llm_query('still fine'))") == "STILL FINE\n"
+            result = run(box, "import time\ntime.sleep(30)", timeout=0.5)  # the host waits with a deadline
+            assert result.timed_out and not result.restarted
+            assert ok(box, "print('after')") == "after\n"
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def test_a_large_rlm_query_context_comes_as_a_read_only_file_and_data_as_json_text(worker_sandbox):
     seen = []
 
     def bridge(kind, items):
         for item in items:
             source = item.context
             if source.handle is not None:
-                seals = fcntl.fcntl(source.handle, fcntl.F_GET_SEALS)
                 with pytest.raises(OSError):
                     os.pwrite(source.handle, b"changed", 0)
+                mode = fcntl.fcntl(source.handle, fcntl.F_GETFL) & os.O_ACCMODE
                 seen.append(("file", source.fmt, os.pread(source.handle, 10, 0), os.fstat(source.handle).st_size,
-                             seals & 0xF == 0xF))
+                             mode == os.O_RDONLY))
             else:
                 seen.append(("text", source.json_text, source.value))
         return ["ok"] * len(items)
@@ -149,11 +182,48 @@ def test_a_large_rlm_query_context_comes_as_a_sealed_file_and_data_as_json_text(
     try:
         code = "print(rlm_query('big', 'ü' * 300_000), rlm_query_batched(['a', 'b'], [[1, [2]], 'plain']))"
         assert ok(box, code) == "ok ['ok', 'ok']\n"
+        # The file was in scratch, without a name, and is gone with the host's descriptor.
+        assert ok(box, "import os\nprint(os.listdir('.'))") == "[]\n"
     finally:
         box.close()
-    (_, fmt, head, size, sealed), *rest = seen
-    assert (fmt, head, size, sealed) == ("text", ("ü" * 5).encode(), 600_000, True)
+    (_, fmt, head, size, read_only), *rest = seen
+    assert (fmt, head, size, read_only) == ("text", ("ü" * 5).encode(), 600_000, True)
     assert rest == [("text", "[1, [2]]", None), ("text", None, "plain")]
+
+
+def test_a_context_file_scratch_cannot_hold_fails_in_model_code_saying_what_to_do():
+    """The file counts against scratch like any other: here against the file-size limit."""
+    calls = []
+
+    def bridge(kind, items):
+        calls.append([os.fstat(item.context.handle).st_size for item in items])
+        return ["ok"] * len(items)
+
+    with create_sandbox("strict", bridge, SandboxLimits(file_size=1 << 20)) as box:
+        result = run(box, "import os\nos.chdir('/')\nrlm_query('big', 'x' * 2_000_000)")
+        assert "OSError: [Errno 27] rlm_query: context 0 (2,000,000 characters)" in result.error
+        assert "file_size_limit" in result.error and not result.restarted
+        assert ok(box, "print(rlm_query('small', 'y' * 300_000))") == "ok\n"  # written in scratch, not in /
+    assert calls == [[300_000]]
+
+
+@pytest.mark.parametrize("kind", ["str", "json", "path", "handle"])
+def test_every_context_descriptor_the_worker_gets_is_read_only(worker_sandbox, tmp_path, kind):
+    text = "y" * 200_000
+    path = tmp_path / "context.txt"
+    path.write_text(text, encoding="utf-8")
+    with open(path, "r+b") as writable:
+        sources = {"str": ContextSource(value=text), "json": ContextSource(value=[text]),
+                   "path": ContextSource(path=path), "handle": ContextSource(handle=writable.fileno())}
+        worker_sandbox.load_context(sources[kind])
+    passed = worker_sandbox._held.context_file  # noqa: SLF001 - what the host passed
+    assert fcntl.fcntl(passed.fileno(), fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    # The worker keeps a text context's descriptor (its mapping); a JSON one it closes once parsed.
+    code = ("import fcntl, os, stat\nfound = []\nfor name in os.listdir('/proc/self/fd'):\n    try:\n"
+            "        info = os.fstat(int(name))\n    except OSError:\n        continue\n"
+            "    if stat.S_ISREG(info.st_mode) and info.st_size > 100_000:\n"
+            "        found.append(fcntl.fcntl(int(name), fcntl.F_GETFL) & os.O_ACCMODE)\nprint(found)")
+    assert ok(worker_sandbox, code) == ("[]\n" if kind == "json" else f"[{os.O_RDONLY}]\n")
 
 
 def test_worker_stderr_is_kept_bounded_in_host_memory(worker_sandbox):

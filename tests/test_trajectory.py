@@ -90,8 +90,8 @@ def test_summaries_come_from_the_first_and_last_lines(tmp_path: Path) -> None:
 
 
 def _file_for(turns: int, tmp_path: Path) -> Path:
-    printing = repl("print('x' * 20000)")
-    rlm, _, _ = make([printing] * (turns - 1) + ["FINAL(done)"], log_dir=str(tmp_path / str(turns)))
+    printing = [repl(f"print('x' * 20000)  # pass {n}") for n in range(turns - 1)]  # no reply repeats the last
+    rlm, _, _ = make(printing + ["FINAL(done)"], log_dir=str(tmp_path / str(turns)))
     assert rlm.completion(context="c", query="q") == "done"
     return rlm.tracer.path
 
@@ -206,3 +206,23 @@ def test_the_redactor_catches_key_shapes_and_headers() -> None:
     assert redactor.text('{"Authorization": "Basic dXNlcjpwYXNz"}') == '{"Authorization": "[redacted]"}'
     assert redactor.text("plain words, sk-short and a task-list") == "plain words, sk-short and a task-list"
     assert redactor.value({"exact-secret-value": ["exact-secret-value", 3]}) == {REDACTED: [REDACTED, 3]}
+
+
+def test_the_in_memory_trace_is_bounded_but_the_file_keeps_every_sub_call(tmp_path, monkeypatch):
+    """Cache hits cost nothing, so model code can multiply sub-call events: memory keeps a bounded part."""
+    from rlm.utils import tracing
+
+    monkeypatch.setattr(tracing, "MEMORY_TRACE_CHARS", 100)
+    monkeypatch.setattr(tracing, "MEMORY_TRACE_SUB_CALLS", 30)
+    tracer = tracing.Tracer(tmp_path)
+    tracer.start("run")
+    for index in range(50):
+        tracer.emit(tracing.SubCall(run_id="run", turn=1, model="m", prompt="p" * 10, reply="r" * 10,
+                                    usage={}, cost=0.0, latency=0.0, batch_index=index))
+    tracer.emit(tracing.RunEnd(run_id="run", status="answered", answer="a", turns=1, duration=0.1, usage={}))
+    kept = [event for event in tracer.events if event.type == "sub_call"]
+    assert len(kept) == 30 and tracer.events[-1].type == "run_end"
+    assert [event.prompt for event in kept[:5]] == ["p" * 10] * 5  # 5 x 20 characters fit in 100
+    assert kept[5].prompt == "[10 characters: in the trajectory file]"
+    with open(tracer.path, encoding="utf-8") as written:
+        assert sum('"sub_call"' in line for line in written) == 50

@@ -126,7 +126,7 @@ class ChildQuery:
 def child_queries(items: list[dict], files: list[int]) -> list[ChildQuery]:
     """The rlm_query items a session sent (checked against protocol.py's schema), as ChildQuery.
 
-    `files` are the sealed context files, in the order of the items marked "file".
+    `files` are the context files (read-only descriptors), in the order of the items marked "file".
     """
     queries, remaining = [], iter(files)
     for item in items:

@@ -50,6 +50,7 @@ __all__ = ["apply", "kill_descendants", "load_seccomp", "restrict_paths"]
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 _PR_CAPBSET_DROP, _PR_SET_SECUREBITS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 24, 28, 47, 4
 _PR_SET_CHILD_SUBREAPER = 36
+_MAX_FILES = 256  # open descriptors a worker may hold
 # SECBIT_NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED, NO_CAP_AMBIENT_RAISE, each with its lock:
 # uid 0 gains nothing by being uid 0 again (execve, setuid), and nobody can undo that.
 _SECUREBITS = 0b11101111
@@ -94,6 +95,9 @@ def apply(setup: dict[str, Any]) -> dict[str, Any]:
 def set_limits(limits: dict[str, Any]) -> None:
     """Set soft and hard limits together, so that model code cannot raise them again."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash must not write a core file to scratch
+    # Kernel memory that no other limit counts grows with open descriptors (socket pairs hold
+    # ~220 KiB each in buffers, pipes up to 64 KiB): at most this many bounds it (~60 MiB).
+    _lower(resource.RLIMIT_NOFILE, _MAX_FILES, _MAX_FILES)
     for key, which in (("memory", resource.RLIMIT_AS), ("file_size", resource.RLIMIT_FSIZE)):
         if limits.get(key) is not None:
             _lower(which, limits[key], limits[key])

@@ -5,14 +5,16 @@
 The targets are this process itself (its signals, priority, CPU affinity, scheduler, I/O
 priority), a sacrificial `sleep` it started, files and a directory outside the sandbox's
 scratch, TCP, Unix stream, abstract and datagram sockets listening, a SysV shared-memory
-segment and message queue holding a secret, and a context file loaded into the sandbox.
-After each probe the host looks at its targets (and, through /proc, at the worker itself:
-its capabilities, scheduler, descriptors and scratch) and puts back what changed.
+segment and message queue holding a secret, a context file loaded into the sandbox (and,
+in a session of its own, a `str` context: the host's copy of it). After each probe the host
+looks at its targets (and, through /proc, at the worker itself: its capabilities, scheduler,
+descriptors and scratch) and puts back what changed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import platform
@@ -21,12 +23,13 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 from rlm.sandbox.escapes import PROBES, SECRET_NAME, Probe
 
@@ -34,6 +37,7 @@ MEMORY_LIMIT = 1 << 30  # the worker levels' limits while probing
 FILE_SIZE_LIMIT = 4 << 20
 _PIECE = 3 << 20  # scratch_total writes files of this size, each under the limit
 _CONTEXT = b"the context of the escape suite, 61 bytes long, no more or less"[:61]
+_STR_CONTEXT = "a str context, too long for a frame: the host passes a copy on disk. " * 1500
 _HOST_FILE = b"a host file, mode 600\n"
 _IOPRIO = {"x86_64": (251, 252), "aarch64": (30, 31)}  # (ioprio_set, ioprio_get) system call numbers
 _IPC_CREAT_EXCL, _IPC_RMID, _IPC_NOWAIT = 0o1000 | 0o2000, 0, 0o4000
@@ -108,6 +112,8 @@ class Targets:
         self.sysv = _SysV(os.environ[SECRET_NAME].encode())
         self.baseline = self._own_state()
         self.orphan_name = f"rlm-{token[:8]}"  # what processes started by the orphan probes call themselves
+        self.str_copy: IO[bytes] | None = None  # the host's copy of the str context, while its session is open
+        self.memory_seen: set[tuple[int, int]] = set()  # files already judged by _memory_outside_scratch
 
     @staticmethod
     def _listen(address: str) -> socket.socket:
@@ -154,6 +160,7 @@ class Targets:
             "victim": self.victim.pid, "shm_key": self.sysv.shm_key, "msg_key": self.sysv.msg_key,
             "nr_ioprio_set": _IOPRIO.get(platform.machine(), (-1, -1))[0], "other_uid": other_uid,
             "pieces": 12, "piece": _PIECE, "too_much": 2 * MEMORY_LIMIT, "orphan_name": self.orphan_name,
+            "str_context_size": len(_STR_CONTEXT), "shm_name": f"{self.orphan_name}-shm",
         }
 
     def close(self) -> None:
@@ -192,7 +199,9 @@ def _victim_killed(targets: Targets, worker: int) -> bool:
 def _received(name: str) -> Effect:
     def seen(targets: Targets, worker: int) -> bool:
         sock: socket.socket = getattr(targets, name)
-        if not select.select([sock], [], [], 0.05)[0]:
+        readable = select.poll()  # not select.select: it refuses a descriptor numbered 1024 or more
+        readable.register(sock, select.POLLIN)
+        if not readable.poll(50):
             return False
         if sock.type == socket.SOCK_DGRAM:
             sock.recv(100)
@@ -235,6 +244,47 @@ def _context_changed(targets: Targets, worker: int) -> bool:
         with open(targets.context_file, "r+b") as file:
             file.write(_CONTEXT)
     return changed
+
+
+def _str_copy_changed(targets: Targets, worker: int) -> bool:
+    """The host's copy of the str context (an unnamed file on its disk) written, grown or shrunk."""
+    if targets.str_copy is None:
+        raise RuntimeError("str_context_write is judged only in a session holding a str context")
+    fd = targets.str_copy.fileno()
+    expected = _STR_CONTEXT.encode()
+    return os.fstat(fd).st_size != len(expected) or os.pread(fd, len(expected), 0) != expected
+
+
+def _locked(how: str) -> Effect:
+    """Whether another process of the host can no longer lock the context file (`how`: lockf or flock)."""
+    def seen(targets: Targets, worker: int) -> bool:
+        with open(targets.context_file, "r+b") as file:
+            lock = fcntl.lockf if how == "lockf" else fcntl.flock
+            try:
+                lock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # EAGAIN or EACCES: someone holds a lock
+                return True
+            lock(file, fcntl.LOCK_UN)
+        return False
+    return seen
+
+
+def _memory_outside_scratch(targets: Targets, worker: int) -> bool:
+    """The worker holds open files outside its scratch (memory files, /dev/shm) taking more room
+    than scratch's total: memory that neither its memory limit nor scratch counts. Files an
+    earlier probe left open (its judgment saw them) do not count again."""
+    scratch = os.stat(f"/proc/{worker}/cwd").st_dev
+    held = 0
+    for name in os.listdir(f"/proc/{worker}/fd"):
+        try:
+            info = os.stat(f"/proc/{worker}/fd/{name}")
+        except OSError:
+            continue
+        file = (info.st_dev, info.st_ino)
+        if stat.S_ISREG(info.st_mode) and info.st_dev != scratch and file not in targets.memory_seen:
+            targets.memory_seen.add(file)
+            held += info.st_blocks * 512
+    return held > FILE_SIZE_LIMIT + (1 << 20)
 
 
 def _own_state_changed(key: str) -> Effect:
@@ -304,7 +354,9 @@ EFFECTS: dict[str, Effect] = {
     **dict.fromkeys(("chmod_host_file", "utime_host_file", "setxattr_host_file", "chown_host_file"),
                     _host_file_changed),
     "hardlink_host_file": lambda targets, worker: os.stat(targets.host_file).st_nlink > 1,
-    "context_fchmod": _context_changed, "context_reopen": _context_changed,
+    "context_fchmod": _context_changed, "context_reopen": _context_changed, "str_context_write": _str_copy_changed,
+    "context_lock": _locked("lockf"), "context_flock": _locked("flock"),
+    "memfd_memory": _memory_outside_scratch, "shm_memory": _memory_outside_scratch,
     "sysv_shm": lambda targets, worker: targets.sysv.shm_touched(),
     "sysv_msg": lambda targets, worker: targets.sysv.queue_touched(),
     "host_priority": _own_state_changed("priority"), "host_affinity": _own_state_changed("affinity"),
@@ -329,22 +381,37 @@ def serve(level: str) -> dict[str, dict]:
         with create_sandbox(level, bridge, limits) as box:
             box.load_context(ContextSource(path=Path(targets.context_file)))
             for probe in PROBES:
-                if not probe.name.startswith("orphan_"):
+                if probe.name not in _OWN_SESSION:
                     results[probe.name] = _run(box, probe, targets)
         for probe in PROBES:
-            if probe.name.startswith("orphan_"):
+            if probe.name in _OWN_SESSION:
                 with create_sandbox(level, bridge, limits) as box:
+                    if probe.name == "str_context_write":
+                        box.load_context(ContextSource(value=_STR_CONTEXT))
+                        held = getattr(box, "_held", None)  # the host's copy (none in-process)
+                        targets.str_copy = held.context_file if held is not None else None
                     results[probe.name] = _run(box, probe, targets)
-                survived = _survivors(targets.orphan_name)  # judged now that the session is over
-                results[probe.name]["escaped"] = results[probe.name]["escaped"] or survived
+                    targets.str_copy = None
+                if probe.name.startswith("orphan_"):
+                    survived = _survivors(targets.orphan_name)  # judged now that the session is over
+                    results[probe.name]["escaped"] = results[probe.name]["escaped"] or survived
     finally:
         targets.close()
     return results
 
 
+# Probes that need a session of their own: its end to judge by, or another context.
+_OWN_SESSION = ("str_context_write", "orphan_on_close", "orphan_after_crash")
+# What in-process is not tried, and why: it blocks nothing anyway.
+_NOT_IN_PROCESS = {
+    "orphan_after_crash": "not run in-process: it would end the host",
+    "str_context_write": "not run in-process: the context is the host's own string, in its memory",
+}
+
+
 def _run(box: Any, probe: Probe, targets: Targets) -> dict:
-    if targets.level == "inprocess" and probe.name == "orphan_after_crash":
-        return {"escaped": True, "detail": "not run in-process: it would end the host"}
+    if targets.level == "inprocess" and probe.name in _NOT_IN_PROCESS:
+        return {"escaped": True, "detail": _NOT_IN_PROCESS[probe.name]}
     worker = box.worker_pid if targets.level != "inprocess" else os.getpid()
     outcome = box.run(probe.code.format(**targets.facts()), timeout=20, max_output=2000)
     effect = EFFECTS.get(probe.name)

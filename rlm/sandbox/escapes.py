@@ -5,7 +5,8 @@
 
 Each probe is a cell of model code. It escaped if the host saw the effect (a signal, a
 killed process, a datagram, its priority or file changed, a SysV object read or drained, a
-process outliving the session...), or, for probes that only read (a secret, a file's size),
+lock it cannot take on its own file, memory the worker holds outside its scratch, a process
+outliving the session...), or, for probes that only read (a secret, a file's size),
 if the cell printed ESCAPED. Every level runs its probes in a throwaway host process
 (escape_host.py), so that a probe that works (killing the host, forking) harms only that
 process; the probes' targets belong to it too. The `inprocess` level, which blocks nothing,
@@ -41,15 +42,22 @@ class Probe:
 # Finds the context's descriptor (a regular file of the context's size) among the worker's own.
 _CONTEXT_FD = (
     "import os, stat\n"
-    "def _context_fd():\n"
+    "def _context_fd(size={context_size}):\n"
     "    for name in os.listdir('/proc/self/fd'):\n"
     "        try:\n"
     "            info = os.fstat(int(name))\n"
     "        except OSError:\n"
     "            continue\n"
-    "        if stat.S_ISREG(info.st_mode) and info.st_size == {context_size}:\n"
+    "        if stat.S_ISREG(info.st_mode) and info.st_size == size:\n"
     "            return int(name)\n"
     "    raise LookupError('no descriptor of the context')\n"
+)
+# Tries every way in turn, so that one refused does not hide another that works.
+_EACH = "for attempt in ({attempts}):\n    try:\n        attempt()\n    except OSError as exc:\n        print(exc)\n"
+# Holds {pieces} files of {piece} bytes in memory, made by `make` (kept open after the cell).
+_HOLD = (
+    "import os\nheld_{name} = []\nfor i in range({{pieces}}):\n    fd = {make}\n"
+    "    os.write(fd, b'x' * {{piece}})\n    held_{name}.append(fd)\n"
 )
 _LIBC = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
 _ASYNC = "fcntl.fcntl({fd}, fcntl.F_SETFL, fcntl.fcntl({fd}, fcntl.F_GETFL) | os.O_ASYNC)\n"
@@ -97,6 +105,15 @@ PROBES = (
           _CONTEXT_FD + "os.fchmod(_context_fd(), 0o777)"),
     Probe("context_reopen", "reopen the context read-write via /proc/self/fd",
           _CONTEXT_FD + "with open(f'/proc/self/fd/{{_context_fd()}}', 'r+b') as f:\n    f.write(b'EVIL')"),
+    Probe("str_context_write", "write, grow or reopen read-write the host's copy of a `str` context",
+          _CONTEXT_FD + "fd = _context_fd({str_context_size})\n"
+          "def reopen():\n    with open(f'/proc/self/fd/{{fd}}', 'r+b') as f:\n        f.write(b'EVIL')\n"
+          + _EACH.format(attempts="lambda: os.pwrite(fd, b'EVIL', 0), lambda: os.ftruncate(fd, 1 << 20), reopen")),
+    Probe("context_lock", "lock the user's context file (fcntl F_OFD_SETLK)",
+          _CONTEXT_FD + "import fcntl, struct\n"
+          "fcntl.fcntl(_context_fd(), 37, struct.pack('hhqqi', fcntl.F_RDLCK, 0, 0, 0, 0))  # F_OFD_SETLK"),
+    Probe("context_flock", "lock the user's context file (flock)",
+          _CONTEXT_FD + "import fcntl\nfcntl.flock(_context_fd(), fcntl.LOCK_SH)"),
     Probe("scratch_total", "fill scratch past its total (files each under the size limit)",
           "try:\n    for i in range({pieces}):\n        with open(f'fill-{{i}}.bin', 'wb') as f:\n"
           "            f.write(b'x' * {piece})\nexcept OSError as exc:\n    print('stopped:', exc)"),
@@ -148,6 +165,11 @@ PROBES = (
           "import resource\ninf = resource.RLIM_INFINITY\nresource.setrlimit(resource.RLIMIT_AS, (inf, inf))\n"
           "print('ESCAPED')"),
     Probe("memory", "allocate past the memory limit", "block = bytes({too_much})\nprint('ESCAPED')"),
+    Probe("memfd_memory", "hold memory that no limit counts (memfd_create)",
+          _HOLD.format(name="memfd", make="os.memfd_create('rlm-probe')")),
+    Probe("shm_memory", "hold memory in /dev/shm (POSIX shm_open)",
+          _HOLD.format(name="shm", make="os.open(f'/dev/shm/{shm_name}-{{i}}', os.O_RDWR | os.O_CREAT | os.O_EXCL, "
+                                        "0o600)\n    os.unlink(f'/dev/shm/{shm_name}-{{i}}')")),
     # processes that outlive the worker (each in a session of its own, judged after it ends)
     Probe("orphan_on_close", "a setsid + double-forked process outlives the session", _ORPHAN),
     Probe("orphan_after_crash", "... and outlives a worker that crashes", _ORPHAN + "os.kill(os.getpid(), 9)"),

@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import os
 import secrets
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import time
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterable
 
 from rlm.errors import SandboxError
 from rlm.sandbox import forkserver, kernel
 from rlm.sandbox.launch import Launch, worker_path
 from rlm.sandbox.protocol import (
-    MAX_JSON_ITEMS, WORKER_FRAME_CAP, WORKER_FRAMES, FrameReader, ProtocolError, ProtocolViolation, write_frame,
+    MAX_JSON_ITEMS, WORKER_FRAME_CAP, WORKER_FRAMES, FrameReader, ProtocolError, ProtocolViolation, encode_frame,
 )
-from rlm.sandbox.workerio import StderrTail, receive_sealed_files
+from rlm.sandbox.workerio import StderrTail, receive_context_files
 
 __all__ = ["BOOT", "START_TIMEOUT", "WorkerProcess", "python_argv"]
 
@@ -80,6 +81,9 @@ class WorkerProcess:
         finally:
             worker_end.close()
         self.stderr.started()
+        # Our end of its input never blocks: a worker that stops reading cannot hold the host past
+        # a deadline (send_frames).
+        os.set_blocking(self.process.stdin.fileno(), False)
         self.reader = FrameReader(
             self.process.stdout.fileno(), limit=WORKER_FRAME_CAP, max_items=MAX_JSON_ITEMS, schema=WORKER_FRAMES
         )
@@ -118,10 +122,32 @@ class WorkerProcess:
         raise ProtocolError("the worker closed its file channel before saying who it is")
 
     def send(self, message: dict) -> None:
+        self._write(encode_frame(message), None)
+
+    def send_frames(self, frames: Iterable[bytes], deadline: float) -> bool:
+        """Write `frames`, taking each only when the last is written; False if the worker has not
+        read them all by `deadline` (time.monotonic): the stream is then cut mid-frame."""
+        return all(self._write(frame, deadline) for frame in frames)
+
+    def _write(self, frame: bytes, deadline: float | None) -> bool:
+        view = memoryview(frame)
+        writable: Any = None
         try:
-            write_frame(self.process.stdin.fileno(), message)
+            fd = self.process.stdin.fileno()
+            while view:
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    if writable is None:
+                        writable = select.poll()
+                        writable.register(fd, select.POLLOUT)
+                    wait = None if deadline is None else (deadline - time.monotonic()) * 1000
+                    if wait is not None and wait <= 0:
+                        return False
+                    writable.poll(wait)  # room in the pipe, or the worker gone (then the write says so)
         except (OSError, ValueError) as exc:  # ValueError: the pipe was already closed
             raise ProtocolError(f"cannot write to the worker: {exc}") from None
+        return True
 
     def send_file(self, handle: IO[bytes]) -> None:
         try:
@@ -150,7 +176,7 @@ class WorkerProcess:
         return message
 
     def receive_files(self, count: int) -> list[int]:
-        return receive_sealed_files(self.files, count) if count else []
+        return receive_context_files(self.files, count) if count else []
 
     def _signal(self, signum: int) -> None:
         if self.pidfd is not None:

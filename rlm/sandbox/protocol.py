@@ -13,13 +13,19 @@ Start-up: the worker sends "hello"; the host answers "setup"; the worker applies
 "ready". Every later request ("exec", "load_context", "get_var") carries an "id"; the reply,
 and every "llm_query" sent while an "exec" runs, carry the id of that request.
 
+The host answers one "llm_query" with one or more "llm_result" frames, each of at most
+`RESULT_FRAME_CAP` bytes, built one at a time (`result_frames`): all but the last say
+"more": true. So the host's memory for a reply is one frame, however many answers a batch has
+(10,000 copies of one cached answer, say); an answer too long for a frame alone is cut in the
+middle, marked. A failed request gets a single frame with its "error".
+
 Files (the context) do not travel in frames: the host opens them and passes the descriptor
 over a Unix socket pair (SCM_RIGHTS), so a confined worker needs no path to them and the
-host never reads them. The worker's first byte on that socket carries its credentials, which
-tell the host the worker's pid in the host's own pid namespace. The other way, an
-`rlm_query` context too large for a frame goes as a sealed memory file (memfd: no more
-writes, growing or shrinking), one per item marked "file", sent on that socket before the
-frame that announces it.
+host never reads them; every descriptor it passes is read-only. The worker's first byte on
+that socket carries its credentials, which tell the host the worker's pid in the host's own
+pid namespace. The other way, an `rlm_query` context too large for a frame goes as an
+unlinked file in the worker's scratch (subcalls.py), one per item marked "file", sent on that
+socket before the frame that announces it; the host reopens it read-only (workerio.py).
 
 The worker is untrusted: model code can write any bytes on its pipe. Everything the host
 accepts is declared below, once: the caps (`WORKER_FRAME_CAP` and the others) and the table
@@ -41,10 +47,15 @@ from dataclasses import dataclass
 
 from rlm._text import truncate_middle
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Iterator
+
 __all__ = [
     "CUT_ROOM", "FrameReader", "HOST_FRAMES", "HOST_FRAME_CAP", "MAX_ANSWER_CHARS", "MAX_BATCH", "MAX_CONTEXT_FILE",
-    "MAX_ERROR_CHARS", "MAX_JSON_ITEMS", "MAX_NAMES", "ProtocolError", "ProtocolViolation", "SUB_CALL_KINDS",
-    "WORKER_FRAMES", "WORKER_FRAME_CAP", "encode_frame", "fit_frame", "write_bytes", "write_frame",
+    "MAX_ERROR_CHARS", "MAX_JSON_ITEMS", "MAX_NAMES", "ProtocolError", "ProtocolViolation", "RESULT_FRAME_CAP",
+    "SUB_CALL_KINDS", "WORKER_FRAMES", "WORKER_FRAME_CAP", "encode_frame", "fit_frame", "result_frames",
+    "write_bytes", "write_frame",
 ]
 
 _HEADER = struct.Struct(">I")
@@ -54,12 +65,13 @@ MiB = 1 << 20
 
 WORKER_FRAME_CAP = 4 * MiB  # bytes of one worker -> host frame
 HOST_FRAME_CAP = 1 << 30  # bytes of one host -> worker frame (the host is the trusted side)
+RESULT_FRAME_CAP = 4 * MiB  # bytes of one llm_result frame: a reply larger than this goes as several
 MAX_JSON_ITEMS = 100_000  # separators ("," "[" "{") outside strings in one worker frame
 MAX_ANSWER_CHARS = 1_000_000  # a FINAL / FINAL_VAR answer, a variable's value
 MAX_ERROR_CHARS = 100_000  # the error text of a cell or a request
 MAX_BATCH = 10_000  # prompts (or rlm_query items) in one llm_query frame
 MAX_NAMES = 1_000  # variable names listed when a variable is not found
-MAX_CONTEXT_FILE = 2 << 30  # bytes of a sealed context file passed with an rlm_query
+MAX_CONTEXT_FILE = 2 << 30  # bytes of a context file passed with an rlm_query
 CUT_ROOM = 200  # characters a cut's marker adds (rlm._text.omission_marker)
 
 SUB_CALL_KINDS = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched")
@@ -92,7 +104,7 @@ _ID = Field((int,))
 _TEXT = Field((str,))
 _BOOL = Field((bool,))
 _COUNT = Field((int,))
-_ITEM = {  # one rlm_query: the question and its context (text, JSON text, or a sealed file)
+_ITEM = {  # one rlm_query: the question and its context (text, JSON text, or a file)
     "query": _TEXT,
     "context": Field((str, _NONE)),
     "format": Field((str,), choices=("text", "json")),
@@ -137,8 +149,9 @@ HOST_FRAMES: dict[str, dict[str, Field] | None] = {
         "json": Field((str,), required=False), "format": Field((str,), required=False),
     },
     "get_var": {"id": _ID, "name": _TEXT},
-    "llm_result": {
-        "id": _ID, "results": Field((list,), items=(str,), required=False), "error": Field((str,), required=False),
+    "llm_result": {  # one part of the answers to an llm_query ("more": another part follows), or its error
+        "id": _ID, "more": _BOOL, "results": Field((list,), items=(str,), required=False),
+        "error": Field((str,), required=False),
     },
     "shutdown": {},
 }
@@ -225,6 +238,56 @@ def fit_frame(message: dict, fields: tuple[str, ...], limit: int = WORKER_FRAME_
             message[longest] = truncate_middle(text, max(0, len(text) - (size - limit) - 2 * CUT_ROOM))
 
 
+def result_frames(request_id: int, results: list[str], limit: int = RESULT_FRAME_CAP) -> Iterator[bytes]:
+    """The "llm_result" frames that carry `results` in order, each made when the last was taken.
+
+    Each frame holds the answers that fit `limit` bytes, encoded one by one (an answer repeated,
+    as a batch answered from the cache repeats one, is encoded once); all but the last say
+    "more": true. An answer that alone cannot fit is cut in the middle, with a marker.
+    """
+    room = limit - _RESULT_ROOM
+    parts: list[bytes] = []
+    used = 0
+    previous: str | None = None
+    encoded = b""
+    for answer in results:
+        if answer is not previous:
+            previous, encoded = answer, _encoded_answer(answer, room)
+        if parts and used + len(encoded) > room:
+            yield _result_frame(request_id, parts, more=True)
+            parts, used = [], 0
+        parts.append(encoded)
+        used += len(encoded) + 1  # and a comma
+    yield _result_frame(request_id, parts, more=False)
+
+
+_RESULT_ROOM = 256  # bytes of an llm_result frame that are not answers (op, id, more, punctuation)
+
+
+def _encoded_answer(answer: str, room: int) -> bytes:
+    """`answer` as a JSON string in UTF-8, cut in the middle (marked) until it fits `room` bytes."""
+    keep = len(answer) if len(answer) <= room else room - CUT_ROOM  # a character takes a byte at least
+    while True:
+        encoded = json.dumps(truncate_middle(answer, keep), ensure_ascii=False).encode("utf-8", "replace")
+        if len(encoded) <= room:
+            return encoded
+        # Scaled by the bytes a character of this text takes (1 to 6, escaped), less the marker's room.
+        keep = max(0, min(keep - 1, keep * (room - CUT_ROOM) // len(encoded)))
+
+
+def _result_frame(request_id: int, parts: list[bytes], *, more: bool) -> bytes:
+    """One llm_result frame around encoded answers, made with a single copy of them."""
+    head = b'{"op":"llm_result","id":%d,"more":%s,"results":[' % (request_id, b"true" if more else b"false")
+    pieces = [b"", head]
+    for index, part in enumerate(parts):
+        if index:
+            pieces.append(b",")
+        pieces.append(part)
+    pieces.append(b"]}")
+    pieces[0] = _HEADER.pack(sum(map(len, pieces)))
+    return b"".join(pieces)
+
+
 def write_bytes(fd: int, frame: bytes) -> None:
     """Write an encoded frame to a file descriptor, all of it."""
     view = memoryview(frame)
@@ -290,26 +353,46 @@ class FrameReader:
         self._header = b""
         self._body: bytearray | None = None
         self._got = 0
+        self._text: str | None = None  # a frame read whole, not parsed yet
+        self._poll: Any = None  # select.poll: unlike select.select, any descriptor number (>= 1024 too)
+
+    def _wait(self, deadline: float) -> bool:
+        """Whether the descriptor turned readable (or closed) before `deadline`."""
+        import time
+
+        if self._poll is None:
+            import select
+
+            self._poll = select.poll()
+            self._poll.register(self.fd, select.POLLIN)
+        remaining = deadline - time.monotonic()
+        return remaining > 0 and bool(self._poll.poll(remaining * 1000))
 
     def read(self, deadline: float | None = None) -> dict | None:
         """Return the next message, or None if `deadline` (time.monotonic) passes first.
 
         Raises ProtocolViolation on a frame that breaks the format, a cap or the schema, and
-        ProtocolError on end of file.
+        ProtocolError on end of file. A MemoryError (a worker near its limit) loses nothing: the
+        next read decodes the same frame again.
         """
-        while self._body is None or self._got < len(self._body):
-            if not self._fill(deadline):
-                return None
-        body, self._body, self._header = self._body, None, b""
-        if self.max_items is not None:
-            _check_items(body, self.max_items)
-        text = body.decode("utf-8", "replace")
-        del body  # the parser's objects may take its place
+        if self._text is None:
+            while self._body is None or self._got < len(self._body):
+                if not self._fill(deadline):
+                    return None
+            if self.max_items is not None:
+                try:
+                    _check_items(self._body, self.max_items)
+                except ProtocolViolation:
+                    self._body, self._header = None, b""
+                    raise
+            self._text = self._body.decode("utf-8", "replace")
+            self._body, self._header = None, b""  # the parser's objects may take its place
         try:
-            message = _DECODER.decode(text)
+            message = _DECODER.decode(self._text)
         except (ValueError, RecursionError) as exc:
+            self._text = None
             raise ProtocolViolation(f"a frame that is not valid JSON ({str(exc)[:100]})") from None
-        del text
+        self._text = None
         if self.schema is not None:
             return check_frame(message, self.schema)
         if type(message) is not dict or "op" not in message:
@@ -317,25 +400,19 @@ class FrameReader:
         return message
 
     def _fill(self, deadline: float | None) -> bool:
-        if deadline is not None:
-            import select
-            import time
-
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            ready, _, _ = select.select([self.fd], [], [], remaining)
-            if not ready:
-                return False
+        if deadline is not None and not self._wait(deadline):
+            return False
         if self._body is None:
-            chunk = os.read(self.fd, _HEADER.size - len(self._header))
-            if not chunk:
-                raise ProtocolError("end of stream: the other side closed the pipe")
-            self._header += chunk
+            if len(self._header) < _HEADER.size:
+                chunk = os.read(self.fd, _HEADER.size - len(self._header))
+                if not chunk:
+                    raise ProtocolError("end of stream: the other side closed the pipe")
+                self._header += chunk
             if len(self._header) == _HEADER.size:
                 (length,) = _HEADER.unpack(self._header)
                 if length > self.limit:
                     raise ProtocolViolation(f"a frame of {length:,} bytes, over the cap of {self.limit:,}")
+                # A MemoryError here (a worker near its limit) keeps the header: the next read tries again.
                 self._body, self._got = bytearray(length), 0
             return True
         with memoryview(self._body) as view:

@@ -17,9 +17,14 @@ sendmmsg; programs and processes (execve, fork, vfork, clone without CLONE_THREA
 answers ENOSYS so that glibc falls back to clone, whose flags a filter can read); anything
 aimed at another process (ptrace, process_vm_*, pidfd_*, kcmp, tkill); SysV IPC (shm*,
 msg*, sem*); metadata changes (chmod, chown, utime*, *xattr, link), which Landlock does not
-mediate; inotify and fanotify (they watch host directories); flock; statfs; raising
-limits; io_uring (it would bypass this filter); mount, namespaces, keys, bpf, perf, modules,
-clocks, identity changes and every other administrative call.
+mediate; inotify and fanotify (they watch host directories); file locks and memfd_create
+(`DENIED` says why); statfs; raising limits; io_uring (it would bypass this filter); mount,
+namespaces, keys, bpf, perf, modules, clocks, identity changes and every other
+administrative call.
+
+`DENIED` lists calls Python itself offers that are refused all the same, with the reason. The
+filter needs no rule for them (what is not allowed is denied); the table keeps the reason in
+one place, and a test checks that no row of `ALLOWED` or `CHECKED` lets them through.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Any
 
 from rlm.errors import SandboxUnavailable
 
-__all__ = ["ALLOWED", "CHECKED", "SELF", "Rule", "compile_filter", "require"]
+__all__ = ["ALLOWED", "CHECKED", "DENIED", "SELF", "Rule", "compile_filter", "require"]
 
 SELF = -1  # placeholder for the worker's own pid, filled in by compile_filter()
 
@@ -62,7 +67,6 @@ ALLOWED: tuple[tuple[str, str], ...] = (
     *((name, "make and remove files in scratch (paths: Landlock)") for name in (
         "mkdir", "mkdirat", "rmdir", "unlink", "unlinkat", "rename", "renameat", "renameat2", "symlink",
         "symlinkat", "truncate")),
-    ("memfd_create", "an anonymous in-memory file (a sealed copy of the context)"),
     # memory
     *((name, "the process's own memory (mapping the context, ctypes, thread stacks)") for name in (
         "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "msync", "mincore", "membarrier", "mseal",
@@ -96,10 +100,11 @@ ALLOWED: tuple[tuple[str, str], ...] = (
 )
 
 # fcntl commands (include/uapi/linux/fcntl.h, asm-generic/fcntl.h). Left out: F_SETOWN(_EX), F_SETSIG
-# (a signal to any process on I/O), F_SETLEASE, F_NOTIFY, F_SETPIPE_SZ, F_SET_RW_HINT...
+# (a signal to any process on I/O), F_SETLEASE, F_NOTIFY, F_SETPIPE_SZ, F_SET_RW_HINT, seals (no
+# memfd to seal), and the locks (DENIED)...
 _F_DUPFD, _F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL, _F_GETLK, _F_SETLK, _F_SETLKW = range(8)
 _F_OFD_GETLK, _F_OFD_SETLK, _F_OFD_SETLKW = 36, 37, 38
-_F_DUPFD_CLOEXEC, _F_GETPIPE_SZ, _F_ADD_SEALS, _F_GET_SEALS = 1030, 1032, 1033, 1034
+_F_DUPFD_CLOEXEC, _F_GETPIPE_SZ = 1030, 1032
 _O_ASYNC = 0o20000
 # ioctl requests (asm-generic/ioctls.h). Left out: FIOSETOWN, SIOCSPGRP, FIOASYNC (signals on
 # I/O), TIOCSTI (typing into a terminal), and everything device-specific.
@@ -131,10 +136,9 @@ CHECKED: tuple[Rule, ...] = (
     # Threads, never processes.
     Rule("clone", "threads only: CLONE_THREAD, and no new namespaces",
          ((0, _MASKED, CLONE_THREAD | _CLONE_NAMESPACES, CLONE_THREAD),)),
-    # Descriptor flags, locks and seals; not who gets a signal on I/O.
-    *_commands("fcntl", "duplicate, close-on-exec, flags, record locks (sqlite), seals", 1, (
-        _F_DUPFD, _F_GETFD, _F_SETFD, _F_GETFL, _F_GETLK, _F_SETLK, _F_SETLKW, _F_OFD_GETLK, _F_OFD_SETLK,
-        _F_OFD_SETLKW, _F_DUPFD_CLOEXEC, _F_GETPIPE_SZ, _F_ADD_SEALS, _F_GET_SEALS)),
+    # Descriptor flags; not locks (DENIED), nor who gets a signal on I/O.
+    *_commands("fcntl", "duplicate, close-on-exec, flags, pipe size", 1, (
+        _F_DUPFD, _F_GETFD, _F_SETFD, _F_GETFL, _F_DUPFD_CLOEXEC, _F_GETPIPE_SZ)),
     Rule("fcntl", "set status flags, but not O_ASYNC (signals on I/O)",
          ((1, _EQ, _F_SETFL), (2, _MASKED, _O_ASYNC, 0))),
     *_commands("ioctl", "isatty, terminal size, bytes waiting, non-blocking, close-on-exec", 1, (
@@ -162,6 +166,19 @@ CHECKED: tuple[Rule, ...] = (
     *_on_self("ioprio_get", "its own I/O priority", 1, (0, _EQ, _IOPRIO_WHO_PROCESS)),
     *_on_self("ioprio_set", "its own I/O priority", 1, (0, _EQ, _IOPRIO_WHO_PROCESS)),
     *_on_self("prlimit64", "read its own limits (getrlimit); never set them", 0, (2, _EQ, 0)),
+)
+
+# Refused although Python offers them (see the module's docstring).
+DENIED: tuple[Rule, ...] = (
+    Rule("memfd_create", "a memory file's pages (shmem) count in no limit of the worker (RLIMIT_AS counts "
+                         "mappings, not files): a worker could hold the machine's memory. A large rlm_query "
+                         "context goes as a file in scratch instead (subcalls.py), bounded by scratch's total"),
+    Rule("flock", "a lock on a file the worker can open (the user's context file) would stop other "
+                  "processes of the host from locking it while the session is open"),
+    *_commands("fcntl", "record locks, the same (F_SETLK, F_SETLKW and their per-descriptor F_OFD_ forms); "
+                        "holding none, the worker needs no lock test either (F_GETLK would name another "
+                        "process holding one)", 1, (
+        _F_GETLK, _F_SETLK, _F_SETLKW, _F_OFD_GETLK, _F_OFD_SETLK, _F_OFD_SETLKW)),
 )
 
 _INSTALL_HINT = (

@@ -42,6 +42,7 @@ def main() -> None:
     fork server made us (see forkserver.py).
     """
     global _session
+    from rlm.sandbox import subcalls
     from rlm.sandbox.confine import apply
     from rlm.sandbox.protocol import HOST_FRAMES, FrameReader, write_frame
 
@@ -59,6 +60,7 @@ def main() -> None:
     os.write(files, b"\0")  # the kernel attaches our credentials: the host learns our pid as it sees it
     write_frame(proto_out, {"op": "hello", "pid": os.getpid()})
     facts = apply(reader.read())  # limits, Landlock, seccomp: before any thread starts (see confine.py)
+    subcalls.remember_scratch(os.getcwd())  # where large rlm_query contexts go: model code may chdir
     # A process forked by model code (where fork is allowed) must not talk to the host too.
     os.register_at_fork(after_in_child=lambda: [os.close(fd) for fd in (proto_in, proto_out, files)])
 
@@ -67,7 +69,7 @@ def main() -> None:
 
     def bridge(kind: str, prompts: list) -> list[str]:
         from rlm.sandbox import subcalls
-        from rlm.sandbox.protocol import ProtocolError, write_bytes
+        from rlm.sandbox.protocol import write_bytes
 
         answers: list[str] = []
         with bridge_lock:
@@ -77,12 +79,7 @@ def main() -> None:
                 for frame, sealed in subcalls.requests(kind, prompts, in_flight[0]):
                     subcalls.send_files(files, sealed)
                     write_bytes(proto_out, frame)
-                    reply = reader.read()
-                    if reply["op"] != "llm_result":
-                        raise ProtocolError(f"the host answered a sub-call with {reply['op']!r}")
-                    if reply.get("error"):
-                        raise LLMQueryError(reply["error"])
-                    answers += reply["results"]
+                    answers += _answers(reader, kind)
             except ValueError as exc:  # a prompt too large for a frame: told without our frames
                 raise ValueError(str(exc)) from None
         return answers
@@ -93,6 +90,40 @@ def main() -> None:
     # Sent before any model code runs: what confinement the worker applied (for the trajectory).
     write_frame(proto_out, {"op": "ready", "pid": os.getpid(), **facts})
     _serve(_session, reader, proto_out, files, bridge_lock, in_flight)
+
+
+def _answers(reader: Any, kind: str) -> list[str]:
+    """The host's answers to one sub-call request: its llm_result frames, until one says no more follow.
+
+    Answers too many for the worker's memory are dropped, and the frames still due read all the
+    same (so the next frame read is the next request's), before MemoryError is raised.
+    """
+    from rlm.sandbox.protocol import ProtocolError
+
+    answers: list[str] | None = []
+    error = None
+    more = True
+    while more:
+        try:
+            reply = reader.read()
+        except MemoryError:  # the frame stays in the reader: read again with the answers dropped
+            if answers is None:
+                raise
+            answers = None
+            continue
+        if reply["op"] != "llm_result":
+            raise ProtocolError(f"the host answered a sub-call with {reply['op']!r}")
+        error, more = error or reply.get("error"), reply["more"]
+        if answers is not None and "results" in reply:
+            try:
+                answers += reply["results"]
+            except MemoryError:
+                answers = None
+    if error:
+        raise LLMQueryError(error)
+    if answers is None:
+        raise MemoryError(f"{kind}: the answers do not fit in the REPL's memory (memory_limit); ask for fewer at once")
+    return answers
 
 
 _REQUESTS = ("exec", "load_context", "get_var")

@@ -8,13 +8,16 @@ and the resource limits of `SandboxLimits` (address space, CPU time, file size).
 Timeouts: SIGINT first (the worker raises KeyboardInterrupt only inside model code, so
 variables survive); if the cell has not stopped after a grace period, SIGKILL, a new worker,
 and the context loaded again. Time the host spends answering `llm_query` is not counted
-against the cell's limit.
+against the cell's limit; the worker's reading of the answers is (a worker that does not read
+them within it is replaced too, so it cannot hold the host).
 
 Files: the context is never sent through the pipe. A `Path` context is opened here (never
 read) and its descriptor passed to the worker, which maps it; a `str` or JSON context is
 first written once, in 16 MiB pieces, to an unnamed temporary file on disk, which the kernel
-frees when the last descriptor to it closes, whatever happens to either process. Model
-code's scratch directory is removed on close, or by the worker itself if the host dies.
+frees when the last descriptor to it closes, whatever happens to either process. Every
+descriptor passed is read-only (the temporary file is reopened so: `workerio.reopen_read_only`),
+so model code cannot write, grow or shrink the host's copy. Model code's scratch directory
+is removed on close, or by the worker itself if the host dies.
 
 The worker is untrusted whatever the level: every frame it sends is checked against the
 schema and caps of protocol.py, and matched to the request in flight by an id it cannot
@@ -37,7 +40,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Iterable
 
 from rlm._text import is_utf8
 from rlm.errors import ContextError, SandboxError
@@ -53,8 +56,9 @@ from rlm.sandbox.base import (
 )
 from rlm.sandbox.launch import Launch, disk_tempdir, package_root, scrubbed_env
 from rlm.sandbox.process import WorkerProcess, python_argv
-from rlm.sandbox.protocol import ProtocolError, ProtocolViolation
+from rlm.sandbox.protocol import RESULT_FRAME_CAP, ProtocolError, ProtocolViolation, fit_frame, result_frames
 from rlm.sandbox.textfile import ascii_view
+from rlm.sandbox.workerio import reopen_read_only
 
 # Launch, disk_tempdir, package_root and scrubbed_env live in launch.py, python_argv in
 # process.py; the confined levels and the tools import them from here too.
@@ -63,6 +67,13 @@ __all__ = ["Launch", "SubprocessSandbox", "disk_tempdir", "package_root", "pytho
 INTERRUPT_GRACE = 1.0  # seconds between SIGINT and SIGKILL
 _WRITE_CHUNK = 16 << 20
 _INLINE_TEXT = 64 << 10  # characters: a str context up to this size goes in the frame itself
+
+
+def _read_only(handle: IO[bytes]) -> IO[bytes]:
+    """A read-only handle on the file `handle` wrote (a description of its own), which is closed."""
+    with handle:
+        handle.flush()
+        return open(reopen_read_only(handle.fileno()), "rb")  # noqa: SIM115
 
 
 def _write_text(handle: IO[bytes], text: str) -> None:
@@ -200,17 +211,18 @@ class SubprocessSandbox(Sandbox):
         return self._send_context()
 
     def _context_file(self, source: ContextSource) -> tuple[dict, IO[bytes] | None]:
+        """The message that loads `source` and the file passed with it: always open read-only."""
         if source.path is not None:
             return {"op": "load_context", "format": source.fmt}, open(source.path, "rb")  # noqa: SIM115
-        if source.handle is not None:  # our own copy: the caller closes theirs when it likes
-            return {"op": "load_context", "format": source.fmt}, open(os.dup(source.handle), "rb")  # noqa: SIM115
+        if source.handle is not None:  # our own description: the caller closes theirs when it likes
+            handle = open(reopen_read_only(source.handle), "rb")  # noqa: SIM115
+            return {"op": "load_context", "format": source.fmt}, handle
         if source.json_text is not None:
             if len(source.json_text) <= _INLINE_TEXT and is_utf8(source.json_text):
                 return {"op": "load_context", "json": source.json_text}, None
             handle = tempfile.TemporaryFile(prefix="rlm-context-", dir=disk_tempdir())
             handle.write(source.json_text.encode("utf-8", "replace"))
-            handle.flush()
-            return {"op": "load_context", "format": "json"}, handle
+            return {"op": "load_context", "format": "json"}, _read_only(handle)
         if source.value is None:
             return {"op": "load_context", "value": None}, None
         if isinstance(source.value, str) and len(source.value) <= _INLINE_TEXT and is_utf8(source.value):
@@ -226,8 +238,7 @@ class SubprocessSandbox(Sandbox):
             text.flush()
             text.detach()
             fmt = "json"
-        handle.flush()
-        return {"op": "load_context", "format": fmt}, handle
+        return {"op": "load_context", "format": fmt}, _read_only(handle)
 
     def _send_context(self) -> dict:
         worker = self._require_worker()
@@ -285,33 +296,40 @@ class SubprocessSandbox(Sandbox):
             message = worker.reply(request_id, ("llm_query", "result"), deadline)
             if message is None:
                 if interrupted:
-                    self._replace_worker()
-                    return ExecResult(
-                        error=f"The cell ran past its {timeout:g} s limit and did not stop when interrupted.",
-                        timed_out=True,
-                        restarted=True,
-                        duration=time.monotonic() - started,
-                    )
+                    return self._stopped(f"The cell ran past its {timeout:g} s limit and did not stop when interrupted.",
+                                         started)
                 worker.interrupt()
                 interrupted = True
                 deadline = time.monotonic() + INTERRUPT_GRACE
             elif message["op"] == "llm_query":
-                started = time.monotonic()
-                worker.send(self._answer(worker, message))
-                deadline += time.monotonic() - started
+                asked = time.monotonic()
+                frames = self._answer(worker, message)
+                deadline += time.monotonic() - asked
+                # The worker reads its answers in the cell's time, given a second at least.
+                if not worker.send_frames(frames, max(deadline, time.monotonic() + INTERRUPT_GRACE)):
+                    return self._stopped(
+                        f"The cell ran past its {timeout:g} s limit without reading the answers to its sub-call.", started
+                    )
             else:
                 stopped_by_us = interrupted and message["interrupted"]
                 return result_from_session(message, timed_out=stopped_by_us, timeout=timeout, max_output=max_output)
 
-    def _answer(self, worker: WorkerProcess, message: dict) -> dict:
+    def _stopped(self, error: str, started: float) -> ExecResult:
+        """A cell stopped by replacing its worker, past its time limit."""
+        self._replace_worker()
+        return ExecResult(error=error, timed_out=True, restarted=True, duration=time.monotonic() - started)
+
+    def _answer(self, worker: WorkerProcess, message: dict) -> Iterable[bytes]:
+        """The llm_result frames that answer one llm_query, made one at a time (protocol.py)."""
         kind, items = message["kind"], message["prompts"]
         files = worker.receive_files(sum(item["file"] for item in items)) if kind.startswith("rlm_") else []
         try:
             if kind.startswith("rlm_"):
                 items = child_queries(items, files)
-            return {"op": "llm_result", "id": message["id"], "results": self._bridge(kind, items)}
+            return result_frames(message["id"], self._bridge(kind, items))
         except SubCallFailed as exc:
-            return {"op": "llm_result", "id": message["id"], "error": str(exc)}
+            failure = {"op": "llm_result", "id": message["id"], "more": False, "error": str(exc)}
+            return [fit_frame(failure, ("error",), RESULT_FRAME_CAP)]
         except BaseException:
             # The run is failing; the worker is mid-cell waiting for us, so it cannot be reused.
             # A new one is started only if another cell is run.

@@ -1,13 +1,18 @@
-"""The host's end of a worker's other channels: its stderr, kept bounded, and the sealed files it passes.
+"""The host's end of a worker's other channels: its stderr, kept bounded, and the files passed either way.
 
 Stderr: a worker's fd 2 (and fd 1, which the worker points there) is a pipe that a small
 thread of the host drains, keeping only the last `STDERR_KEPT` bytes, so a worker writing
 without end costs the host neither memory nor disk; `death_note` shows its tail.
 
-Files: an `rlm_query` context too large for a frame comes as a memory file on the file
-channel (protocol.py). The host takes it only if it is a regular file sealed against writes,
-growing, shrinking and new seals, no larger than `MAX_CONTEXT_FILE`; anything else is a
-protocol violation. The host never reads it: the child's sandbox does.
+Files: every descriptor the host passes to a worker is open read-only, a description of its
+own (`reopen_read_only`), so model code can neither write nor resize the host's file. An
+`rlm_query` context too large for a frame comes from the worker as a file in its scratch
+(subcalls.py) on the file channel (protocol.py). The host takes it only if it is a regular
+file the worker could read itself, no larger than `MAX_CONTEXT_FILE`; anything else is a
+protocol violation. It reopens it read-only, closes the worker's read-write description, and
+hands the new one to the child's sandbox; it never reads it. It cannot be sealed (memfds,
+which can, are denied: their memory counts in no limit), so the worker may still change it
+while the child reads it: that spoils the child's run (a crash, then a restart), not the host.
 """
 
 from __future__ import annotations
@@ -22,12 +27,11 @@ import threading
 
 from rlm.sandbox.protocol import MAX_CONTEXT_FILE, ProtocolViolation
 
-__all__ = ["STDERR_KEPT", "StderrTail", "receive_sealed_files"]
+__all__ = ["STDERR_KEPT", "StderrTail", "receive_context_files", "reopen_read_only"]
 
 STDERR_KEPT = 64 << 10  # bytes of a worker's stderr the host keeps (the last ones)
 _POLL_MS = 250  # how often the drain thread looks whether it should stop
 _CLOSE_WAIT = 0.2  # seconds close() waits for the drain thread to see the end of the pipe
-_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 _CREDENTIALS_SPACE = socket.CMSG_SPACE(12)  # the kernel may attach the sender's credentials too
 
 
@@ -93,8 +97,20 @@ class StderrTail:
             self._thread.join(_CLOSE_WAIT)
 
 
-def receive_sealed_files(channel: socket.socket, count: int) -> list[int]:
-    """`count` sealed context files the worker sent before the frame announcing them.
+def reopen_read_only(fd: int) -> int:
+    """A new read-only open file description of the file `fd` refers to (through /proc/self/fd,
+    so with its own offset: `fd`, read-write or not, is left as it was). Raises OSError.
+
+    Non-blocking while it opens, so that a lease another process holds on the file (a lease
+    holder can delay an open for up to /proc/sys/fs/lease-break-time) fails it at once.
+    """
+    new = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    os.set_blocking(new, True)
+    return new
+
+
+def receive_context_files(channel: socket.socket, count: int) -> list[int]:
+    """`count` context files the worker sent before the frame announcing them, each reopened read-only.
 
     They are already queued (the worker sends them first), so nothing here waits. Raises
     ProtocolViolation, with no descriptor left open, if one is missing or not as required.
@@ -109,10 +125,13 @@ def receive_sealed_files(channel: socket.socket, count: int) -> list[int]:
             except BlockingIOError:
                 raise ProtocolViolation(f"{count} context files announced, {len(files)} sent") from None
             received = _descriptors(ancillary)
-            files += received
-            if not data or len(received) != 1 or flags & socket.MSG_CTRUNC:
-                raise ProtocolViolation("a message on the file channel that is not one file")
-            _check_sealed(received[0])
+            try:
+                if not data or len(received) != 1 or flags & socket.MSG_CTRUNC:
+                    raise ProtocolViolation("a message on the file channel that is not one file")
+                files.append(_read_only_copy(received[0]))
+            finally:
+                for fd in received:
+                    os.close(fd)  # the worker's own description: it may be read-write
     except BaseException:
         for fd in files:
             os.close(fd)
@@ -128,15 +147,18 @@ def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     return list(found)
 
 
-def _check_sealed(fd: int) -> None:
+def _read_only_copy(fd: int) -> int:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise ProtocolViolation("a context file that is not a regular file")
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        seals = 0  # a file that cannot be sealed
-    if seals & _SEALS != _SEALS:
-        raise ProtocolViolation("a context file not sealed against writes, resizing and new seals")
     if info.st_size > MAX_CONTEXT_FILE:
         raise ProtocolViolation(f"a context file of {info.st_size:,} bytes, over the cap of {MAX_CONTEXT_FILE:,}")
+    # Only a file the worker could read itself: an O_PATH descriptor (which needs no right to
+    # read, and which Landlock lets it open anywhere) reopened by the host would read for it.
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_PATH or flags & os.O_ACCMODE not in (os.O_RDONLY, os.O_RDWR):
+        raise ProtocolViolation("a context file the worker did not open for reading")
+    try:
+        return reopen_read_only(fd)
+    except OSError as exc:
+        raise ProtocolViolation(f"a context file the host cannot reopen read-only ({exc.strerror})") from None
