@@ -77,6 +77,7 @@ class RunStart(Event):
     parent_cell: int | None = None
     batch_index: int | None = None
     settings: dict | None = None  # what replay needs to run it again (see engine.recorded_settings)
+    context_window: int | None = None  # the root model's window the conversation was fitted to (None: unknown)
 
 
 @dataclass(kw_only=True)
@@ -94,8 +95,12 @@ class LLMCall(Event):
     cost: float | None
     latency: float
     finish_reason: str | None = None
-    shortened_outputs: int = 0
+    shortened_outputs: int = 0  # messages of the latest turn cut in the middle for this request
     reasoning: str | None = None  # the reasoning text, when the server returns it separately
+    window: int | None = None  # the window this request was fitted to (None: unknown)
+    request_tokens: int | None = None  # the request's size as counted before sending
+    removed_turns: list[int] = field(default_factory=list)  # old turns taken out for this request
+    overflow: dict | None = None  # a first attempt the server refused as too long: status, body, window, request_tokens
 
 
 @dataclass(kw_only=True)
@@ -158,11 +163,12 @@ class ErrorEvent(Event):
 @dataclass(kw_only=True)
 class RunEnd(Event):
     type: ClassVar[str] = "run_end"
-    status: str  # "answered", "max_iterations", "budget_exceeded" or "error"
+    status: str  # "answered", "max_iterations", "no_progress", "budget_exceeded" or "error"
     answer: str | None
     turns: int
     duration: float
     usage: dict
+    reason: str | None = None  # why a run without an answer ended (the error's type and message for "error")
 
 
 def resolve_log_dir(log_dir: str | os.PathLike | None) -> Path | None:
@@ -171,8 +177,20 @@ def resolve_log_dir(log_dir: str | os.PathLike | None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+# What a run's events may hold in memory (`RLM_REPL.trace`); the JSONL file and listeners get
+# every event whole. Sub-calls are the only events model code can multiply without bound (a
+# batch of cache hits costs nothing): past these, their texts are left out of the in-memory copy,
+# then the events themselves.
+MEMORY_TRACE_CHARS = 16_000_000  # prompt and reply characters of sub-call events kept whole
+MEMORY_TRACE_SUB_CALLS = 100_000  # sub-call events kept at all
+
+
 class Tracer:
-    """Collects events in memory, writes them as JSONL when given a directory, tells listeners."""
+    """Collects events in memory, writes them as JSONL when given a directory, tells listeners.
+
+    In memory a run keeps every event but sub-calls past `MEMORY_TRACE_CHARS` (kept without their
+    prompt and reply texts) and `MEMORY_TRACE_SUB_CALLS` (not kept); the file keeps everything.
+    """
 
     def __init__(
         self,
@@ -188,12 +206,15 @@ class Tracer:
         self._sink: JsonlSink | None = None
         self.run_id: str | None = None
         self._lock = threading.Lock()
+        self._sub_calls = 0
+        self._sub_call_chars = 0
 
     def start(self, run_id: str) -> None:
         """Begin a new run: forget old events, open its file if logging."""
         with self._lock:
             self.run_id = run_id
             self.events = []
+            self._sub_calls = self._sub_call_chars = 0
             self.path = None
             self._sink = None
             if self.log_dir is not None:
@@ -202,15 +223,32 @@ class Tracer:
                 except OSError as exc:
                     raise ConfigError(
                         f"cannot use {str(self.log_dir)!r} as the log directory ({exc.strerror}); "
-                        "pass another log_dir / --log-dir or unset RLM_LOG_DIR"
+                        "pass another log_dir= (or unset RLM_LOG_DIR)"
                     ) from None
                 self.path = self.log_dir / f"{run_id}.jsonl"
                 self._sink = JsonlSink(self.path, Redactor(self.secrets))
 
     def emit(self, event: Event) -> None:
         with self._lock:
-            self.events.append(event)
+            kept = self._kept(event)
+            if kept is not None:
+                self.events.append(kept)
             if self._sink is not None:
                 self._sink.write(event.to_dict())
         for listener in self.listeners:
             listener(event)
+
+    def _kept(self, event: Event) -> Event | None:
+        """What of `event` stays in memory (see MEMORY_TRACE_CHARS); called under the lock."""
+        if not isinstance(event, SubCall):
+            return event
+        self._sub_calls += 1
+        if self._sub_calls > MEMORY_TRACE_SUB_CALLS:
+            return None
+        self._sub_call_chars += len(event.prompt) + len(event.reply)
+        if self._sub_call_chars <= MEMORY_TRACE_CHARS:
+            return event
+        where = "in the trajectory file" if self._sink is not None else "not kept"
+        return dataclasses.replace(
+            event, prompt=f"[{len(event.prompt):,} characters: {where}]", reply=f"[{len(event.reply):,} characters: {where}]"
+        )
