@@ -20,13 +20,14 @@ from typing import Any, Awaitable, Callable
 
 from rlm._pool import TreePool
 from rlm._text import clean_text, truncate_middle
-from rlm.conversation import Conversation
-from rlm.errors import BudgetExceeded, ClientError, ContextError, MalformedResponse
+from rlm.conversation import Conversation, Fit, reply_room, too_long
+from rlm.errors import BudgetExceeded, ClientError, ContextError, ContextWindowExceeded, MalformedResponse
 from rlm.parsing import ParsedReply, parse_reply
 from rlm.repl import REPLEnv, SandboxFactory
 from rlm.sandbox import ContextSource, ExecResult, SandboxLimits, SubCallFailed
 from rlm.sandbox.base import ChildQuery
 from rlm.sandbox.describe import describe_context
+from rlm.stalls import StallWatch
 from rlm.usage import CallRecord, Usage, UsageLedger, price_call
 from rlm.utils import prompts
 from rlm.utils.llm import Completion, LLMClient
@@ -80,6 +81,7 @@ class Tree:
         self.started = time.monotonic()
         self.first_record = len(ledger.records())
         self.limiter = asyncio.Semaphore(settings.max_concurrency)
+        self._child_slots: dict[int, asyncio.Semaphore] = {}  # depth -> room for child runs (child_slot)
         self.cache: dict[tuple[str, str], asyncio.Future] | None = {} if settings.cache else None
         self.executor = TreePool()  # blocking work: cells, REPL starts and closes
         self.window: int | None = settings.context_window
@@ -124,15 +126,42 @@ class Tree:
         self.ledger.add(CallRecord(role, depth, model, usage, cost, cache_hit=hit))
         return cost
 
-    def release(self, opening: "concurrent.futures.Future[tuple[REPLEnv, dict]]") -> None:
+    async def child_slot(self, depth: int) -> asyncio.Semaphore:
+        """Wait for room for one more child run at `depth` and take it; `free_slot` gives it back.
+
+        At most `max_concurrency` child runs, each with its own REPL worker, are alive at once
+        at each depth (a batch of 200 `rlm_query` items starts them as others end). Per depth,
+        not for the whole tree: a run waiting for room for its children holds its own, which
+        children never wait for, so no two runs can wait on each other.
+        """
+        slots = self._child_slots.setdefault(depth, asyncio.Semaphore(self.settings.max_concurrency))
+        await slots.acquire()
+        return slots
+
+    def free_slot(self, slots: asyncio.Semaphore, closing: "concurrent.futures.Future | None") -> None:
+        """Give a child run's room back once its REPL is closed (`closing`; None: closed already)."""
+        if closing is None or closing.done():
+            slots.release()
+            return
+        loop = asyncio.get_running_loop()
+
+        def closed(_: object) -> None:  # in the pool thread that closed the REPL
+            if not loop.is_closed():  # (`close()` waits for every REPL: the loop runs until then)
+                loop.call_soon_threadsafe(slots.release)
+
+        closing.add_done_callback(closed)
+
+    def release(self, opening: "concurrent.futures.Future[tuple[REPLEnv, dict]]") -> "concurrent.futures.Future | None":
         """Close a finished run's REPL (once it is open) in the background: a child's answer
         need not wait for its worker to die. `close()` waits for every one. A child unwinding
-        after its tree has ended (cancelled with it) closes its REPL here and now."""
+        after its tree has ended (cancelled with it) closes its REPL here and now. Returns the
+        closing, or None once it is done."""
         closing = self.executor.submit_unless_shut(_close_opened, opening)
         if closing is None:
             _close_opened(opening)
         else:
             self._releasing.append((closing, opening))
+        return closing
 
     async def close(self) -> BaseException | None:
         """Wait for every REPL to close, then end the tree's share of the pool. Returns the
@@ -182,9 +211,14 @@ class Run:
         self._waiting_lock = threading.Lock()
         self._ended = False
         self._cell: concurrent.futures.Future | None = None  # the cell running now, or the last one
+        self.status = "max_iterations"  # how a run without an answer ended: or "no_progress"
+        self.reason: str | None = None  # why it ended so
+        self._learned_window: int | None = None  # the window a server stated when it refused a request
+        self.closing: concurrent.futures.Future | None = None  # its REPL closing, once the run has ended
 
     async def answer(self, query: str, source: ContextSource) -> str | None:
-        """Run the loop to a final answer, or None after max_iterations turns.
+        """Run the loop to a final answer, or None without one (`status` and `reason` say why:
+        max_iterations turns used, or no progress).
 
         The REPL starts in the pool while the model writes its first reply, when the host can
         describe the context as the worker would (text, or a list of texts).
@@ -204,14 +238,15 @@ class Run:
                 run_id=self.run_id, parent_id=self.parent_id, depth=self.depth, query=query, context=info,
                 root_model=self.client.model, sub_model=self.settings.sub_client.model, sandbox=sandbox,
                 max_iterations=self.settings.max_iterations, system_prompt=system,
-                settings=recorded_settings(self.settings) if self.depth == 0 else None, **self.origin,
+                settings=recorded_settings(self.settings) if self.depth == 0 else None,
+                context_window=await self._window(), **self.origin,
             ))
             return await self._loop(opening, query, Conversation(system, prompts.first_user_message(query, info)))
         finally:
             try:
                 await self._end()
             finally:
-                self.tree.release(opening)
+                self.closing = self.tree.release(opening)
 
     def _open_env(self, source: ContextSource) -> tuple[REPLEnv, dict]:
         """A new REPL with the context loaded, and the context's description (in a pool thread)."""
@@ -240,31 +275,36 @@ class Run:
     async def _loop(self, opening: "concurrent.futures.Future[tuple[REPLEnv, dict]]", query: str,
                     conversation: Conversation) -> str | None:
         env: REPLEnv | None = None
+        stalls = StallWatch()
         for turn in range(1, self.settings.max_iterations + 1):
             self.turn = turn
             reply = await self._ask(conversation)
             if env is None:  # started while the model thought about its first reply
                 env = (await asyncio.wrap_future(opening))[0]
             env.turn = turn
-            outcome = await self._act(parse_reply(reply.text), reply, env)
+            parsed = parse_reply(reply.text)
+            outcome = await self._act(parsed, reply, env)
             if outcome.answer is not None:
                 self.tree.tracer.emit(Final(
                     run_id=self.run_id, parent_id=self.parent_id, depth=self.depth, turn=turn,
                     answer=outcome.answer, source=outcome.source,
                 ))
                 return outcome.answer
+            note = stalls.check(reply, parsed)
+            if stalls.stalled:
+                self.status, self.reason = "no_progress", stalls.reason
+                return None
+            if note is not None:
+                outcome.feedback.append(note)
             limit = self.settings.max_output_length + _FEEDBACK_ROOM
             observations = truncate_middle("\n\n".join(outcome.feedback), limit)
             conversation.add_observation(prompts.turn_user_message(query, observations))
+        self.reason = f"no final answer within {self.settings.max_iterations} turns"
         return None
 
     async def _ask(self, conversation: Conversation) -> Completion:
-        shortened = conversation.fit(await self._window(), self.settings.reply_tokens)
-        new_messages, unchanged = conversation.unsent(), conversation.unchanged_prefix()
         try:
-            completion = await self.tree.model_call(
-                self.client, conversation.messages, self.settings.reply_tokens, sub_call=self.depth > 0
-            )
+            completion, fit, (new_messages, unchanged), overflow = await self._fitted_call(conversation)
         except ClientError as exc:
             # A child run's failed turn fails its rlm_query only; the top run's ends the run (the
             # caller records the error and keeps the trajectory so far).
@@ -272,7 +312,7 @@ class Run:
             if failure is None:
                 raise
             raise SubCallFailed(f"rlm_query: the child run's model call failed: {failure}") from None
-        conversation.add_reply(completion.text)
+        conversation.add_reply(completion.text, completion.usage)
         if self.depth == 0:
             self.tree.last_root_reply = completion.text
         cost = self.tree.record("root", self.depth, self.client.model, self.client.base_url, completion.usage)
@@ -280,9 +320,41 @@ class Run:
             run_id=self.run_id, parent_id=self.parent_id, depth=self.depth, turn=self.turn, model=self.client.model,
             new_messages=new_messages, message_count=len(conversation.messages) - 1, prefix_unchanged=unchanged,
             reply=completion.text, usage=dataclasses.asdict(completion.usage), cost=cost, latency=completion.latency,
-            finish_reason=completion.finish_reason, shortened_outputs=shortened, reasoning=completion.reasoning,
+            finish_reason=completion.finish_reason, shortened_outputs=fit.shortened, reasoning=completion.reasoning,
+            window=fit.window, request_tokens=fit.request_tokens, removed_turns=fit.removed_turns, overflow=overflow,
         ))
         return completion
+
+    async def _fitted_call(
+        self, conversation: Conversation
+    ) -> tuple[Completion, Fit, tuple[list[dict], int], dict | None]:
+        """Fit the conversation to the window and send it. A server refusing it as too long
+        gets it once more, fitted again with the sizes it stated (recorded as `overflow`)."""
+        window = self._learned_window or await self._window()
+        cap, url = self.settings.reply_tokens, self.client.base_url
+        fit = await conversation.fit(window, cap, url=url)
+        try:
+            sent = conversation.unsent(), conversation.unchanged_prefix()
+            return await self._send(conversation), fit, sent, None
+        except ContextWindowExceeded as refusal:
+            overflow = {"status": refusal.status, "body": refusal.body, "window": refusal.window,
+                        "request_tokens": refusal.request_tokens}
+            window = conversation.learn(refusal, window)
+            self._learned_window = refusal.window or self._learned_window
+            again = await conversation.fit(window, cap, url=url)
+            fit = Fit(again.window, again.request_tokens, fit.removed_turns + again.removed_turns,
+                      fit.shortened + again.shortened)
+        try:
+            sent = conversation.unsent(), conversation.unchanged_prefix()
+            return await self._send(conversation), fit, sent, overflow
+        except ContextWindowExceeded as refusal:
+            raise too_long(url, window=refusal.window or window, reply_tokens=reply_room(window, cap),
+                           request_tokens=refusal.request_tokens or fit.request_tokens) from None
+
+    async def _send(self, conversation: Conversation) -> Completion:
+        return await self.tree.model_call(
+            self.client, conversation.messages, self.settings.reply_tokens, sub_call=self.depth > 0
+        )
 
     async def _window(self) -> int | None:
         if self.depth == 0:
@@ -445,14 +517,15 @@ class Run:
         child = Run(
             self.tree, depth=self.depth + 1, parent_id=self.run_id, client=self.tree.settings.sub_client, origin=origin
         )
+        slots = await self.tree.child_slot(self.depth + 1)  # held until the child's REPL is closed
         try:
             answer = await child.answer(query, context if context is not None else ContextSource(value=query))
         except ContextError as exc:  # model code's own data (bad JSON, say): its call fails, not the run
             raise SubCallFailed(f"rlm_query: the child could not load this context: {exc}") from None
+        finally:
+            self.tree.free_slot(slots, child.closing)
         if answer is None:
-            raise SubCallFailed(
-                f"rlm_query: the child run gave no final answer within {self.settings.max_iterations} turns"
-            )
+            raise SubCallFailed(f"rlm_query: the child run ended without an answer: {child.reason}")
         return answer
 
     def _trace_sub(

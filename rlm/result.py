@@ -24,11 +24,14 @@ if TYPE_CHECKING:
 
 __all__ = ["RLMResult", "STATUSES", "run", "arun", "run_with"]
 
-# "final": FINAL / FINAL_VAR ended it; "max_iterations": no final answer in time; "budget":
+# "final": FINAL / FINAL_VAR ended it; "max_iterations": no final answer in time; "no_progress":
+# the model's replies made no progress three times in a row (rlm.stalls); "budget":
 # a limit of RLM_REPL (max_cost, max_tokens, max_sub_calls, max_time) was reached; "error":
 # an error of ours (the endpoint, the worker, the context) ended it.
-STATUSES = ("final", "max_iterations", "budget", "error")
-_FROM_RUN_END = {"answered": "final", "max_iterations": "max_iterations", "budget_exceeded": "budget"}
+STATUSES = ("final", "max_iterations", "no_progress", "budget", "error")
+_FROM_RUN_END = {
+    "answered": "final", "max_iterations": "max_iterations", "no_progress": "no_progress", "budget_exceeded": "budget",
+}
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class RLMResult:
     run_id: the run's id (its trajectory file is named after it).
     trajectory_path: the JSONL trajectory, when logging (`log_dir` / `RLM_LOG_DIR`); else None.
     error: for "budget" and "error", what ended the run (its type and message); else None.
+    reason: for every status but "final", why the run ended without an answer (for
+        "no_progress", how the replies failed; for "error", the same text as `error`).
     """
 
     answer: Any
@@ -53,6 +58,7 @@ class RLMResult:
     run_id: str
     trajectory_path: str | None
     error: str | None = None
+    reason: str | None = None
 
 
 async def run_with(rlm: "RLM_REPL", context: Any, query: str) -> RLMResult:
@@ -71,15 +77,15 @@ async def run_with(rlm: "RLM_REPL", context: Any, query: str) -> RLMResult:
     run_id = rlm.tracer.run_id or ""
     end = next((event for event in reversed(rlm.trace) if isinstance(event, RunEnd) and event.run_id == run_id), None)
     if end is None:  # not begun: nothing was spent
-        status, usage, iterations = "error", {}, 0
+        status, usage, iterations, reason = "error", {}, 0, error
     else:
         status = _FROM_RUN_END.get(end.status, "error")
         status = "budget" if isinstance(failed, BudgetExceeded) else status
-        usage, iterations = end.usage, end.turns
+        usage, iterations, reason = end.usage, end.turns, end.reason
     path = rlm.tracer.path
     return RLMResult(
         answer=answer, status=status, usage=usage, iterations=iterations, wall_time=time.monotonic() - started,
-        run_id=run_id, trajectory_path=str(path) if path is not None else None, error=error,
+        run_id=run_id, trajectory_path=str(path) if path is not None else None, error=error, reason=reason,
     )
 
 

@@ -3,7 +3,8 @@
 One `completion()` / `acompletion()` is one call tree: the root loop (see `rlm.engine`) with
 a fresh REPL session, and any child RLMs its code starts with `rlm_query`. The conversation
 only ever appends (so server-side prefix caches stay warm), and the end is strict: a valid
-FINAL / FINAL_VAR, or `max_iterations` root turns without one (then the result is None).
+FINAL / FINAL_VAR, or `max_iterations` root turns without one, or three replies in a row that
+make no progress (`rlm.stalls`); then the result is None.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ class RLM_REPL(RLM):
     # -- the public API --------------------------------------------------------------------
 
     def completion(self, context: Any, query: str) -> str | None:
-        """Answer `query` about `context`; None if no final answer within `max_iterations`.
+        """Answer `query` about `context`; None if no final answer within `max_iterations` (or
+        the model made no progress in three replies in a row: the run's `run_end` says which).
 
         `context` may be a str, a list of str, a dict / list of JSON values, or a
         `pathlib.Path` to a text file. Raises `ClientError` when the endpoint fails,
@@ -176,31 +178,33 @@ class RLM_REPL(RLM):
         self.tracer.start(run_id)
         tree = Tree(self._settings, self.ledger, self.tracer)
         run = Run(tree, depth=0, parent_id=None, client=self.client, run_id=run_id)
-        status, answer = "error", None
+        status, answer, reason = "error", None, None
         try:
             source = context_source(context)  # a bad context fails before any request
             await tree.blocking(_resolve_models, self.client, self.sub_client)  # the endpoint fails before loading
             answer = await self._within_time(run.answer(query, source))
-            status = "answered" if answer is not None else "max_iterations"
+            status, reason = ("answered", None) if answer is not None else (run.status, run.reason)
             return answer
         except BudgetExceeded as exc:
-            status = "budget_exceeded"
+            status, reason = "budget_exceeded", str(exc)
             exc.partial_answer = tree.last_root_reply
             exc.usage = self.ledger.summary(since=tree.first_record)
             self._emit_error(run_id, run.turn, exc)
             raise
         except BaseException as exc:
+            reason = f"{type(exc).__name__}: {exc}"
             self._emit_error(run_id, run.turn, exc)
             raise
         finally:
             self.tracer.emit(RunEnd(
                 run_id=run_id, status=status, answer=answer, turns=run.turn,
                 duration=time.monotonic() - tree.started, usage=self.ledger.summary(since=tree.first_record),
+                reason=reason,
             ))
             close_failure = await tree.close()
             for used in {id(self.client): self.client, id(self.sub_client): self.sub_client}.values():
                 await used.aclose()  # async connections belong to this event loop: release them here
-            if close_failure is not None and status in ("answered", "max_iterations"):
+            if close_failure is not None and status in ("answered", "max_iterations", "no_progress"):
                 raise close_failure  # a REPL that could not be closed; never in place of the run's own error
 
     def cost_summary(self) -> dict[str, Any]:

@@ -4,7 +4,8 @@
 - `FakeOpenAIServer`: a real HTTP server on 127.0.0.1 speaking the OpenAI chat-completions
   protocol (`GET /v1/models`, `POST /v1/chat/completions`) and a minimal Anthropic Messages
   API (`POST /v1/messages`), with faults on demand: error statuses, Retry-After, delays,
-  malformed bodies, `content: null`, missing usage.
+  malformed bodies, `content: null`, missing usage; a request longer than its window is
+  refused as llama.cpp (or Anthropic) refuses it.
 - `HostileServer`: a raw HTTP/1.1 server on 127.0.0.1 answering with one `Fault` (the
   named cases are in `FAULTS`: compression bombs, huge or trickled bodies, header floods,
   redirects elsewhere, HTML, unasked-for streams, usage figures that cannot be true), to
@@ -173,6 +174,10 @@ class FakeOpenAIServer:
     `GET /models` answer (a FakeReply), for fault tests. Requests to the Anthropic route
     (base URL `root_url`, as the Anthropic SDK adds `/v1/messages` itself) are answered
     and recorded the same way, in Anthropic's response shape.
+
+    `context_window` is the window `GET /models` reports; a request whose prompt is longer
+    than `enforced_window` tokens (default: `context_window`; counted as its usage is, 4
+    characters a token) is refused with HTTP 400 in the words llama.cpp (or Anthropic) uses.
     """
 
     def __init__(
@@ -185,9 +190,11 @@ class FakeOpenAIServer:
         context_window: int | None = None,
         latency: float = 0.0,
         models_reply: FakeReply | None = None,
+        enforced_window: int | None = None,
     ) -> None:
         self.models = models or ["fake-model"]
         self.context_window = context_window
+        self.enforced_window = enforced_window or context_window
         self.latency = latency
         self.models_reply = models_reply
         self.requests: list[dict] = []
@@ -252,11 +259,14 @@ class FakeOpenAIServer:
 
     # -- answering ---------------------------------------------------------------------------
 
-    def _chat_reply(self, request: dict) -> FakeReply:
+    def _chat_reply(self, request: dict, anthropic: bool = False) -> FakeReply:
         with self._lock:
             self.requests.append(request)
             if self._faults:
                 return self._faults.popleft()
+        prompt = estimate_tokens(_prompt_chars(request))
+        if self.enforced_window and prompt > self.enforced_window:
+            return _overflow_reply(prompt, self.enforced_window, anthropic)
         if self._responder is not None:
             reply = self._responder(request)
         elif is_root_request(request):
@@ -339,6 +349,17 @@ def _messages_body(request: dict, reply: FakeReply) -> dict:
     return body
 
 
+def _overflow_reply(prompt: int, window: int, anthropic: bool) -> FakeReply:
+    """The refusal of a prompt longer than the window, as llama.cpp's server (or Anthropic) words it."""
+    if anthropic:
+        return FakeReply(status=400, content=f"prompt is too long: {prompt} tokens > {window} maximum")
+    body = {"error": {
+        "code": 400, "type": "exceed_context_size_error", "n_prompt_tokens": prompt, "n_ctx": window,
+        "message": f"request ({prompt} tokens) exceeds the available context size ({window} tokens), try increasing it",
+    }}
+    return FakeReply(status=400, raw=json.dumps(body).encode())
+
+
 def _error_body(reply: FakeReply, anthropic: bool) -> bytes:
     message = reply.content or f"fake error {reply.status}"
     if anthropic:
@@ -385,7 +406,7 @@ def _handler_for(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}).encode())
                 return
             server._wait(server.latency)
-            reply = server._chat_reply(request)
+            reply = server._chat_reply(request, anthropic=shape is _messages_body)
             self._send_reply(request, reply, lambda: shape(request, reply), anthropic=shape is _messages_body)
 
         def _send_reply(

@@ -172,20 +172,30 @@ def read_events(path: str | os.PathLike) -> tuple[list[dict], bool]:
         try:
             event = json.loads(line)
         except ValueError as exc:
-            if number == len(lines) and not complete:
+            if number == len(lines) and not complete and events:
                 truncated = True  # a run killed while writing its last event
                 break
+            if not events:
+                raise TrajectoryError(_NOT_A_TRAJECTORY.format(path=path)) from None
             raise TrajectoryError(f"{path}, line {number}: not JSON ({exc}); the file is damaged") from None
         _check_event(event, path, number)
         events.append(event)
     if not events:
-        raise TrajectoryError(f"{path} holds no events; is it an rlm trajectory (<log_dir>/<run_id>.jsonl)?")
+        raise TrajectoryError(f"{path} holds no events: " + _NOT_A_TRAJECTORY.format(path="it"))
     _restore_texts(events, path)
     return events, truncated
 
 
+_NOT_A_TRAJECTORY = (
+    "{path} is not an rlm trajectory (a run's <run_id>.jsonl file, one JSON event a line); "
+    "rlm runs lists the runs kept, and rlm view without a file opens the latest"
+)
+
+
 def _check_event(event: Any, path: Path, number: int) -> None:
     if not isinstance(event, dict) or not isinstance(event.get("v"), int) or "run_id" not in event:
+        if number == 1:
+            raise TrajectoryError(_NOT_A_TRAJECTORY.format(path=path))
         raise TrajectoryError(f"{path}, line {number}: not an rlm trajectory event (no 'v' or 'run_id')")
     if event["v"] > SUPPORTED_VERSION:
         raise TrajectoryError(

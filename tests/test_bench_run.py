@@ -176,7 +176,7 @@ def test_other_settings_in_the_same_folder_are_refused(server: FakeOpenAIServer,
     assert invoke(*args).exit_code == 0
     other = invoke(*args, "--max-iterations", "7")
     assert other.exit_code == 2
-    assert "max_iterations" in other.stderr and "use another --out" in other.stderr
+    assert "--max-iterations" in other.stderr and "use another --out" in other.stderr
 
 
 def test_unreachable_endpoint_fails_before_any_run(tmp_path: Path) -> None:

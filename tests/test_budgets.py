@@ -222,7 +222,7 @@ def test_rlm_ask_maps_budget_exceeded_to_its_own_exit_code_and_json_status(conte
     assert plain.stdout == ""
     line = plain.stderr.strip()
     assert len(line.splitlines()) == 1 and "Traceback" not in line
-    assert "max_sub_calls" in line and "--max-sub-calls" in line and "--max-cost" in line
+    assert "--max-sub-calls" in line and "--max-cost" in line and "max_sub_calls" not in line  # the flag, not the parameter
     report = json.loads(as_json.stdout)
     assert report["status"] == "budget_exceeded" and report["exit_code"] == 5 and report["answer"] is None
     assert report["cost_summary"]["root"]["calls"] == 1

@@ -94,13 +94,14 @@ def test_ask_prints_the_answer_alone_and_exits_0(context_file: Path) -> None:
     assert "turn 1/20" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_unreachable_endpoint_exits_3_with_one_line_naming_the_url(context_file: Path) -> None:
+def test_unreachable_endpoint_exits_3_with_one_line_naming_the_url_and_the_flag(context_file: Path) -> None:
     url = closed_port_url()
     done = run_module("ask", "q", "--context", str(context_file), "--api-url", url, "--max-retries", "0")
     assert done.returncode == ExitCode.ENDPOINT
     assert done.stdout == ""
     message = one_line(done.stderr)
-    assert url in message and "RLM_API_URL" in message and "--api-url" in message
+    assert url in message and "--api-url" in message
+    assert "RLM_API_URL" not in message  # the user set the flag: the message is about the flag
 
 
 def test_ctrl_c_exits_130_without_traceback(context_file: Path) -> None:
@@ -322,7 +323,8 @@ def test_a_log_dir_that_cannot_be_made_exits_2_with_one_line(context_file: Path,
 
 def test_exit_codes_are_the_documented_ones() -> None:
     assert {code.name: int(code) for code in ExitCode} == {
-        "ANSWERED": 0, "NO_ANSWER": 1, "BAD_INPUT": 2, "ENDPOINT": 3, "SANDBOX": 4, "BUDGET": 5, "REPLAY_DIVERGED": 6, "INTERNAL": 70,
+        "ANSWERED": 0, "NO_ANSWER": 1, "BAD_INPUT": 2, "ENDPOINT": 3, "SANDBOX": 4, "BUDGET": 5, "REPLAY_DIVERGED": 6,
+        "CONTEXT_WINDOW": 7, "BATCH_INCOMPLETE": 8, "INTERNAL": 70,
         "INTERRUPTED": 130,
     }
 

@@ -133,10 +133,26 @@ def _workers() -> set[int]:
 # -- exchange with the server, and the server's environment ------------------------------------
 
 
+@pytest.fixture
+def private_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Sessions of this test make their scratch here, apart from other processes' sessions."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 def _scratch_dirs() -> set[str]:
     from rlm.sandbox.subprocess import disk_tempdir
 
     return set(glob.glob(os.path.join(disk_tempdir(), "rlm-session-*")))
+
+
+def _until_no_new_scratch(before: set[str]) -> set[str]:
+    """A REPL still opening when its run ended is closed when it is ready, in the pool: wait."""
+    deadline = time.monotonic() + 5
+    while _scratch_dirs() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _scratch_dirs() - before
 
 
 def _until_no_new_workers(before: set[int]) -> set[int]:
@@ -146,17 +162,17 @@ def _until_no_new_workers(before: set[int]) -> set[int]:
     return _workers() - before
 
 
-def test_a_budget_stop_while_cells_run_is_budget_exceeded_and_leaves_nothing_behind():
+def test_a_budget_stop_while_cells_run_is_budget_exceeded_and_leaves_nothing_behind(private_tmp):
     workers, scratch = _workers(), _scratch_dirs()
     for _ in range(4):
         rlm, _, _ = make([repl("import time; time.sleep(3)"), "FINAL(x)"], sandbox="subprocess", max_time=0.3)
         with pytest.raises(BudgetExceeded):
             rlm.completion(context="c", query="q")
     assert not _until_no_new_workers(workers)
-    assert _scratch_dirs() <= scratch
+    assert not _until_no_new_scratch(scratch)
 
 
-def test_a_child_still_running_when_its_tree_ends_closes_its_worker():
+def test_a_child_still_running_when_its_tree_ends_closes_its_worker(private_tmp):
     workers, scratch = _workers(), _scratch_dirs()
     root = ScriptedModel([repl("print(rlm_query('child question'))"), "FINAL(done)"], model="root")
     child = ScriptedModel(lambda messages: repl("import time; time.sleep(6)"), model="sub")
@@ -164,7 +180,7 @@ def test_a_child_still_running_when_its_tree_ends_closes_its_worker():
     with pytest.raises(BudgetExceeded):
         rlm.completion(context="c", query="q")
     assert not _until_no_new_workers(workers)
-    assert _scratch_dirs() <= scratch
+    assert not _until_no_new_scratch(scratch)
 
 
 def test_two_threads_waiting_for_one_worker_both_get_its_exit_status(bridge):

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from rlm.cli.exits import ExitCode, failure_for
 from rlm.cli.main import app
 from rlm.errors import EndpointUnreachable
-from rlm.local import LocalModelError, LocalServer, LocalServerError, ServerSettings, default_gguf, require_xllamacpp
+from rlm.local import LocalModelError, LocalServer, ServerSettings, default_gguf, require_xllamacpp
 from rlm.rlm_repl import RLM_REPL
 from rlm.utils.llm import DEFAULT_API_URL
 
@@ -90,8 +90,9 @@ def test_a_file_that_is_not_a_model_fails_with_llama_cpp_s_reason(tmp_path: Path
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not a model" * 100)
     before = _children()
-    with pytest.raises(LocalServerError, match="valid GGUF"):
+    with pytest.raises(LocalModelError, match="valid GGUF") as caught:  # the file is at fault: a setup error
         LocalServer(ServerSettings(gguf=str(fake), port=0)).start()
+    assert f"rlm serve --gguf {fake} --verbose" in str(caught.value)
     assert _children() <= before  # the failed child was reaped
 
 

@@ -1,4 +1,5 @@
-"""What the root model sees of the context, the context types, output truncation and window fitting."""
+"""What the root model sees of the context, the context types and output truncation (window
+fitting: test_conversation_fit.py)."""
 
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def test_empty_or_non_string_query_raises_config_error(query: Any) -> None:
     assert root.requests == []
 
 
-# -- output truncation and context-window fitting -------------------------------------------
+# -- output truncation, and no fitting without a window ---------------------------------------
 
 
 @pytest.mark.parametrize("sandbox", SANDBOXES)
@@ -151,56 +152,6 @@ def test_long_output_is_cut_to_head_and_tail_with_the_true_length(sandbox: str) 
 
 def _printing_turn(letter: str, size: int) -> str:
     return repl(f"print({letter!r} * {size})")
-
-
-@pytest.mark.parametrize("how", ["server_window", "argument"])
-def test_oldest_outputs_are_shortened_to_fit_the_window_and_the_model_is_told(how: str) -> None:
-    window = 10_000
-    size = 8_000
-    replies = [_printing_turn(letter, size) for letter in "ABCDE"] + ["FINAL(fitted)"]
-    if how == "server_window":
-        rlm, root, _ = make(replies, window=window)
-    else:
-        rlm, root, _ = make(replies, context_window=window)
-    assert rlm.completion(context="c", query="q") == "fitted"
-
-    requests = root.requests
-    assert len(requests) == 6
-    for request in requests:
-        assert sum(len(message["content"]) for message in request) / 3 <= window
-    # Request 4 (index 3) carries outputs A, B, C: only the oldest, A, had to be shortened.
-    fourth = requests[3]
-    assert "A" * size not in fourth[3]["content"] and "characters omitted" in fourth[3]["content"]
-    assert "B" * size in fourth[5]["content"] and "C" * size in fourth[7]["content"]
-    assert "to fit your context window" in last_user(fourth)
-    assert "1 earlier message(s)" in last_user(fourth)
-    for request in requests[:3]:
-        assert "to fit your context window" not in last_user(request)
-    shortened = [event.shortened_outputs for event in rlm.trace if event.type == "llm_call"]
-    assert shortened[:3] == [0, 0, 0] and shortened[3] == 1 and sum(shortened) >= 2
-    assert "E" * size in last_user(requests[5])  # the newest output is whole
-
-
-def test_old_replies_are_shortened_too_when_they_are_what_fills_the_window() -> None:
-    """Long prose around tiny code: shortening the (small) REPL outputs alone could never fit."""
-    window = 8_000
-    prose = ("The ledger lists each shipment with its date, origin and weight. " * 100)[:6_000]
-    replies = [f"{prose}\n{repl(f'print({turn})')}" for turn in range(6)] + ["FINAL(fitted)"]
-    rlm, root, _ = make(replies, window=window)
-    assert rlm.completion(context="c", query="q") == "fitted"
-
-    requests = root.requests
-    assert len(requests) == 7
-    for turn, request in enumerate(requests):
-        assert sum(len(message["content"]) for message in request) / 3 <= window
-        if turn:
-            assert request[-2] == {"role": "assistant", "content": replies[turn - 1]}  # the latest reply is whole
-    last = requests[-1]
-    assert all(len(message["content"]) < 2_500 for message in last[2:-2] if message["role"] == "assistant")
-    assert any("characters omitted" in message["content"] for message in last if message["role"] == "assistant")
-    assert "earlier message(s) of this conversation were shortened" in last_user(requests[3])
-    for request in requests[:3]:
-        assert "to fit your context window" not in json.dumps(request)
 
 
 def test_without_a_known_window_nothing_is_shortened() -> None:

@@ -67,4 +67,4 @@ def test_the_module_level_run_and_arun_make_and_close_their_own_rlm():
 
 
 def test_statuses_are_the_documented_ones():
-    assert STATUSES == ("final", "max_iterations", "budget", "error")
+    assert STATUSES == ("final", "max_iterations", "no_progress", "budget", "error")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import threading
 from typing import Callable
 
 import pytest
 
 from helpers import SANDBOXES, last_user, make, repl
+from rlm.sandbox import LLMBridge, Sandbox, SandboxLimits, create_sandbox
 from rlm.utils import prompts
 
 
@@ -30,6 +32,30 @@ def sub_model(child: Callable[[list[dict], int], str], leaf: Callable[[str], str
 
 def events(rlm, kind: str) -> list:
     return [event for event in rlm.trace if event.type == kind]
+
+
+class OpenSandboxes:
+    """A sandbox factory (of `level`) that counts the sessions open, now and at most at once."""
+
+    def __init__(self, level: str) -> None:
+        self.level = level
+        self.open = self.peak = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, bridge: LLMBridge, limits: SandboxLimits | None) -> Sandbox:
+        box = create_sandbox(self.level, bridge, limits)
+        with self._lock:
+            self.open += 1
+            self.peak = max(self.peak, self.open)
+        close = box.close
+
+        def closed() -> None:
+            close()
+            with self._lock:
+                self.open -= 1
+
+        box.close = closed  # type: ignore[method-assign]
+        return box
 
 
 # -- at the depth limit ----------------------------------------------------------------------
@@ -187,3 +213,37 @@ def test_children_prompts_follow_the_depth() -> None:
     assert rlm.completion(context="c", query="q") == "ok"
     child = [e for e in events(rlm, "run_start") if e.depth == 1][0]
     assert child.system_prompt == prompts.system_prompt("default", recursion=True)  # depth 1 of 3 may recurse
+
+
+# -- how many child runs are alive at once ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_child_runs_alive_at_once_are_at_most_max_concurrency(sandbox: str) -> None:
+    """Each child run has a REPL worker of its own: a batch of 12 starts them three at a time."""
+    def child(messages: list[dict], turn: int) -> str:
+        return repl("import time\ntime.sleep(0.05)") if turn == 1 else "FINAL(x)"
+
+    boxes = OpenSandboxes(sandbox)
+    rlm, root, _ = make([repl("print(len(rlm_query_batched(['q'] * 12)))"), "FINAL(top)"], sub_model(child),
+                        max_depth=2, max_concurrency=3, sandbox=boxes)
+    assert rlm.completion(context="c", query="q") == "top"
+    assert "12" in last_user(root.requests[1]) and len([e for e in events(rlm, "run_start") if e.depth == 1]) == 12
+    assert boxes.peak == 1 + 3  # the root's REPL and three children's
+    assert boxes.open == 0
+
+
+def test_children_bounded_at_every_depth_cannot_deadlock_a_parent_that_holds_room() -> None:
+    """With room for one child run per depth, a child waiting on its own children still gets them."""
+    def child(messages: list[dict], turn: int) -> str:
+        if child_query(messages) in ("a", "b"):
+            return repl("print(rlm_query_batched(['x', 'y']))") if turn == 1 else "FINAL(mid)"
+        return repl("FINAL('leaf ' + context)")
+
+    boxes = OpenSandboxes("inprocess")
+    rlm, root, _ = make([repl("print(rlm_query_batched(['a', 'b']))"), "FINAL(top)"], sub_model(child),
+                        max_depth=3, max_concurrency=1, sandbox=boxes)
+    assert rlm.completion(context="c", query="q") == "top"
+    assert sorted(e.depth for e in events(rlm, "run_start")) == [0, 1, 1, 2, 2, 2, 2]
+    assert "['mid', 'mid']" in last_user(root.requests[1])
+    assert boxes.peak == 3  # the root, a child and a grandchild

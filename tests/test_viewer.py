@@ -16,6 +16,7 @@ from big_run import write_big_run
 from helpers import make, repl
 from rlm.cli.exits import ExitCode
 from rlm.cli.main import app
+from rlm.rlm_repl import RLM_REPL
 from rlm.testing import FakeOpenAIServer
 from rlm.trajectory import load
 from rlm.viewer import render_html, write_html
@@ -155,3 +156,26 @@ def test_ask_keep_logs_uses_the_user_data_directory(tmp_path: Path, monkeypatch:
     assert len(list(runs_dir.glob("*.jsonl"))) == 1  # only the run that asked to keep its log
     listing = invoke("runs")
     assert "kept" in listing.stdout and str(runs_dir) not in listing.stderr
+
+
+# -- a run without an answer says why at the top ---------------------------------------------------
+
+
+def test_a_failed_run_shows_its_error_at_the_top(tmp_path: Path) -> None:
+    with FakeOpenAIServer(root=["FINAL(never)"], enforced_window=300) as server:
+        with RLM_REPL("m", "m", api_url=server.url, sandbox="inprocess", max_reply_tokens=50,
+                      log_dir=str(tmp_path)) as engine:
+            assert engine.run(context="c", query="q").status == "error"
+    data = embedded(render_html(load(engine.tracer.path)))
+    meta, texts = data["meta"], data["texts"]
+    assert meta["status"] == "error" and meta["reason"] is None  # the reason would only repeat the error
+    assert texts[meta["error"]].startswith("ContextWindowExceeded: ") and "context window" in texts[meta["error"]]
+
+
+def test_a_run_that_stopped_without_an_answer_shows_why_at_the_top(tmp_path: Path) -> None:
+    rlm, _, _ = make([repl("x = 1")] * 4, log_dir=str(tmp_path))
+    assert rlm.completion(context="c", query="q") is None
+    data = page_data(load(rlm.tracer.path))
+    meta, texts = data["meta"], data["texts"]
+    assert meta["status"] == "no_progress" and meta["error"] is None
+    assert "no progress in 3 replies in a row" in texts[meta["reason"]]

@@ -1,9 +1,12 @@
 """The viewer page in a real headless Chromium (Debian packages chromium + chromium-driver,
-installed by .ci/run): the tree, opening nodes, search, the timeline, a 5,000-event run, and a
-screenshot. The page is loaded from file://; it must make no request at all."""
+installed by scripts/system-deps.sh): the tree, opening nodes, search, the timeline, a
+5,000-event run, and a screenshot. The page is loaded from file://; it must make no request at all.
+
+The browser and its driver are found on PATH, under the names distributions give them."""
 
 from __future__ import annotations
 
+import shutil
 import struct
 import tempfile
 import time
@@ -19,26 +22,34 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from big_run import NEEDLE, write_big_run
+from helpers import make, repl
 from rlm.viewer import write_html
 
 RECORDING = Path(__file__).parent / "data" / "recorded_run.jsonl"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+DRIVERS = ("chromedriver",)
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
          "--window-size=1280,1000"]
 
 
+def on_path(names: tuple[str, ...]) -> str | None:
+    return next((found for found in map(shutil.which, names) if found), None)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[WebDriver]:
-    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), (
-        "the viewer tests need Chromium: apt-get install chromium chromium-driver (.ci/run does)")
+    chromium, chromedriver = on_path(BROWSERS), on_path(DRIVERS)
+    assert chromium and chromedriver, (
+        f"the viewer tests need Chromium and its driver on PATH (one of {', '.join(BROWSERS)}, and chromedriver): "
+        "scripts/system-deps.sh installs them")
     with tempfile.TemporaryDirectory(prefix="rlm-chromium-") as profile:
         options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM  # with the driver's path given, selenium downloads nothing
+        options.binary_location = chromium  # with the driver's path given, selenium downloads nothing
         for flag in [*FLAGS, f"--user-data-dir={profile}"]:
             options.add_argument(flag)
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-        driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+        driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
         try:
             yield driver
         finally:
@@ -178,4 +189,16 @@ def test_a_5000_event_run_opens_fast_and_finds_the_last_call(browser: WebDriver,
     assert len(browser.find_elements(By.CSS_SELECTOR, ".node.kind-sub")) == 240  # pages drawn up to it, no more
     browser.save_screenshot(str(tmp_path / "big.png"))
     assert png_size(tmp_path / "big.png")[0] == 1280
+    assert_clean(browser)
+
+
+def test_a_run_without_an_answer_says_why_at_the_top(browser: WebDriver, tmp_path: Path) -> None:
+    rlm, _, _ = make([repl("x = 1")] * 4, log_dir=str(tmp_path))
+    assert rlm.completion(context="c", query="q") is None
+    open_page(browser, write_html(rlm.tracer.path, tmp_path / "run.html"))
+    assert browser.find_element(By.ID, "status").text == "no_progress"
+    first = browser.find_element(By.CSS_SELECTOR, "#summary dt")  # the first line of the header
+    assert first.text == "stopped"
+    stopped = browser.find_element(By.CSS_SELECTOR, "#summary dd.failure")
+    assert "no progress in 3 replies in a row" in stopped.text
     assert_clean(browser)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 from rlm.bench.methods import Models, RunSettings, run_method, unavailable_reason
 from rlm.bench.scoring import score
 from rlm.bench.suite import TaskSpec, build_task
+from rlm.batch.cluster import TaskResources, connected, run_tasks
 from rlm.errors import ConfigError
 
 __all__ = ["RESULTS_FILE", "RUN_FILE", "result_key", "load_results", "run_bench"]
@@ -65,11 +66,16 @@ def run_bench(
     concurrency: int = 2,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     on_plan: Callable[[int, int], None] | None = None,
+    ray: str | None = None,
+    resources: TaskResources | None = None,
+    on_lost: Callable[[str, str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every method on every task not already done in `out_dir`; return the new results.
 
     `on_plan(to_run, already_done)` is called once before the first run; `on_result(result)`
-    after each run, from worker threads.
+    after each run, from worker threads. With `ray` (an address, or "local"), each run is a Ray
+    task as in `rlm.batch` (`resources` declared; `models` must come from `Models.from_endpoint`);
+    a run whose Ray worker died is reported to `on_lost(key, reason)` and done by the next run.
     """
     for method in methods:
         reason = unavailable_reason(method)
@@ -88,6 +94,15 @@ def run_bench(
     if on_plan is not None:
         on_plan(len(jobs), len(specs) * len(methods) - len(jobs))
     writer = _ResultWriter(out_dir / RESULTS_FILE, on_result)
+    if ray is not None:
+        resources = resources or TaskResources()
+        with connected(ray, resources) as module:
+            where = out_dir.resolve()  # a Ray worker does not run in this folder
+            tasks = ((result_key(spec.id, method), (spec, method, models, settings, where)) for spec, method in jobs)
+            run_tasks(module, _result_of, tasks, window=concurrency, resources=resources,
+                      name="rlm-bench", on_done=lambda key, result: writer.write(result),
+                      on_lost=on_lost or (lambda key, reason: None))
+        return writer.written
     context = (models, settings, out_dir, writer)
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rlm-bench") as pool:
         futures = [pool.submit(_run_one, spec, method, *context) for spec, method in jobs]
@@ -132,12 +147,17 @@ def _wait_all(futures: list[Future]) -> None:
 def _run_one(
     spec: TaskSpec, method: str, models: Models, settings: RunSettings, out_dir: Path, writer: "_ResultWriter"
 ) -> None:
+    writer.write(_result_of(spec, method, models, settings, out_dir))
+
+
+def _result_of(spec: TaskSpec, method: str, models: Models, settings: RunSettings, out_dir: Path) -> dict[str, Any]:
+    """Run `method` on the task of `spec` (generated here, so a Ray task builds its own); its result line."""
     task = build_task(spec)
     log_dir = out_dir / "trajectories" / method
     outcome = run_method(method, task, models, settings, log_dir)
     usage = outcome.usage
     described = task.describe()
-    writer.write({
+    return {
         "v": _RESULT_VERSION,
         "key": result_key(task.id, method),
         **described,
@@ -161,7 +181,7 @@ def _run_one(
         "root_model": models.root_name,
         "sub_model": models.sub_name if method not in ("base", "rlm-depth0") else None,
         "finished_at": time.time(),
-    })
+    }
 
 
 class _ResultWriter:

@@ -7,18 +7,19 @@ The summary table goes to stdout, progress and file paths to stderr; exit codes 
 
 from __future__ import annotations
 
-import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
+from rlm.cli.bar import ItemsBar
+from rlm.cli.cluster import RAY_OPTION, TASK_CPUS, TASK_MEMORY, TASK_RETRIES, OptionalRayValue, resources
 from rlm.cli.exits import Failure, failure_for
 from rlm.cli.local import local_endpoint
 from rlm.cli.output import (
     SANDBOX_HELP,
     SANDBOX_METAVAR,
+    command_app,
     echo,
     isolation_warning_held,
     json_text,
@@ -30,7 +31,7 @@ from rlm.sandbox import AUTO, check_available, resolve_level
 
 __all__ = ["app", "register"]
 
-app = typer.Typer(name="bench", no_args_is_help=True, add_completion=False,
+app = command_app(name="bench", no_args_is_help=True,
                   help="Benchmarks like the paper's: accuracy and cost per method and context length.")
 
 
@@ -43,7 +44,7 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-@app.command()
+@app.command(cls=OptionalRayValue)
 def run(
     benchmark: Annotated[str, typer.Option("--benchmark", "-b", help="sniah, oolong, oolong-pairs (comma-separated).")] = "sniah",
     lengths: Annotated[str, typer.Option("--lengths", "-l", help="Context lengths in tokens, e.g. 8k,32k,128k,1m.")] = "8k,16k,32k",
@@ -52,6 +53,10 @@ def run(
     methods: Annotated[str, typer.Option("--methods", "-m", help="base, rlm-depth0, rlm, rlm-depth2 (comma-separated).")] = "base,rlm-depth0,rlm",
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder; run again with the same one to resume.")] = Path("bench-results"),
     concurrency: Annotated[int, typer.Option("--concurrency", "-j", min=1, help="Runs at once.")] = 2,
+    ray: Annotated[str | None, RAY_OPTION] = None,
+    task_cpus: TASK_CPUS = 0.5,
+    task_memory: TASK_MEMORY = "1G",
+    task_retries: TASK_RETRIES = 2,
     model: Annotated[str, typer.Option(help="Root model, 'auto', 'provider:name', or 'local' (bundled model).")] = "auto",
     sub_model: Annotated[str, typer.Option(help="Sub-model, in the same forms.")] = "auto",
     api_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (default: $RLM_API_URL, else http://localhost:8080/v1).")] = None,
@@ -90,7 +95,8 @@ def run(
             display = _Display(quiet)
             with display:
                 run_bench(specs, chosen, models, settings, out, concurrency=concurrency,
-                          on_plan=display.plan, on_result=display.result)
+                          on_plan=display.plan, on_result=display.result, ray=ray,
+                          resources=resources(task_cpus, task_memory, task_retries), on_lost=display.lost)
         paths = write_report(out, plot=plot)
     except (Exception, KeyboardInterrupt) as exc:  # one line and an exit code, never a traceback
         _fail(failure_for(exc), out)
@@ -160,50 +166,19 @@ def _bad(message: str) -> Exception:
     return BadInput(message)
 
 
-class _Display:
-    """A rich progress bar on a terminal; one plain line per finished run otherwise."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.mode = "off" if quiet else "rich" if sys.stderr.isatty() else "plain"
-        self._bar: Any = None
-        self._task: Any = None
-        self._done = 0
-        self._total = 0
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> "_Display":
-        if self.mode == "rich":
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=Console(stderr=True), transient=False)
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+class _Display(ItemsBar):
+    """The bench's plan, each run's end and each run lost, on stderr."""
 
     def plan(self, to_run: int, done: int) -> None:
-        self._total = to_run
         if done:
-            self._say(f"resuming: {done} run(s) already done, {to_run} to go")
-        if self._bar is not None:
-            self._task = self._bar.add_task("benchmark runs", total=to_run)
+            self.say(f"resuming: {done} run(s) already done, {to_run} to go")
+        self.begin(to_run)
 
     def result(self, result: dict[str, Any]) -> None:
-        with self._lock:
-            self._done += 1
-            line = _result_line(result)
-            if self._bar is not None:
-                self._bar.update(self._task, advance=1, description=line)
-            elif self.mode == "plain":
-                self._say(f"[{self._done}/{self._total}] {line}")
+        self.advance(_result_line(result))
 
-    def _say(self, line: str) -> None:
-        if self.mode != "off":
-            say(line)
+    def lost(self, key: str, reason: str) -> None:
+        self.say(f"{key}: lost, its Ray worker died ({reason}); run the same command again to do it")
 
 
 def _result_line(result: dict[str, Any]) -> str:

@@ -7,8 +7,6 @@ loopback port for the length of one command, and stops it after.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any, Iterator
@@ -18,12 +16,12 @@ import typer
 from rlm.cli.exits import BadInput, Failure, failure_for
 from rlm.cli.output import echo, isolation_warning_held, json_text, say, warn_if_unisolated
 from rlm.cli.progress import Progress
+from rlm.local import REPLY_TOKENS
 from rlm.sandbox import AUTO
 
 __all__ = ["register", "local_endpoint", "serve", "demo"]
 
 LOCAL = "local"
-_BUNDLED_REPLY_TOKENS = 256
 _HONEST_NOTE = (
     "A 135M-parameter model shows that the machinery works end to end (a real llama.cpp server, "
     "the REPL, usage and trajectory); it is far too small to do RLM tasks, so expect no right answer. "
@@ -54,9 +52,7 @@ def local_endpoint(
     from rlm.local import LocalModelError, LocalServer, ServerSettings
 
     try:
-        # The bundled 135M model rambles: cap its replies lower than a model of the user's own.
-        cap = _BUNDLED_REPLY_TOKENS if gguf is None else ServerSettings.max_reply_tokens
-        settings = ServerSettings(port=0, gguf=str(gguf) if gguf else None, max_reply_tokens=cap).resolved()
+        settings = ServerSettings(port=0, gguf=str(gguf) if gguf else None).resolved()
         if not quiet:
             say(f"starting the local model {settings.alias} (llama.cpp, CPU)")
         with LocalServer(settings) as server:
@@ -68,29 +64,42 @@ def local_endpoint(
 
 
 def serve(
-    gguf: Annotated[Path | None, typer.Option(help="A GGUF model file (default: the bundled SmolLM2-135M).")] = None,
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8080,
-    host: Annotated[str, typer.Option(help="Address to listen on; keep the loopback unless you mean to share.")] = "127.0.0.1",
-    ctx: Annotated[int, typer.Option(min=256, help="Context window in tokens, shared by the parallel slots.")] = 8192,
-    parallel: Annotated[int, typer.Option(min=1, help="Requests decoded at once.")] = 1,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
+    gguf: Annotated[
+        Path | None, typer.Option(metavar="PATH", help="A GGUF model file (default: the bundled SmolLM2-135M).")
+    ] = None,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, metavar="N", help="Port to listen on (0: any free port).")
+    ] = 8080,
+    host: Annotated[
+        str, typer.Option(metavar="ADDRESS", help="Address to listen on; keep the loopback unless you mean to share.")
+    ] = "127.0.0.1",
+    ctx: Annotated[
+        int, typer.Option(min=256, metavar="TOKENS", help="Context window in tokens, shared by the parallel slots.")
+    ] = 8192,
+    parallel: Annotated[int, typer.Option(min=1, metavar="N", help="Requests decoded at once.")] = 1,
+    threads: Annotated[int | None, typer.Option(min=1, metavar="N", help="CPU threads (default: all cores).")] = None,
+    max_reply_tokens: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Cap on a reply when the request sets none (the same as "
+                          "--model local's).")
+    ] = REPLY_TOKENS,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's own log on stderr.")] = False,
 ) -> None:
     """Serve a local model (llama.cpp) at http://HOST:PORT/v1 until Ctrl-C; prints the URL on stdout."""
     from rlm.local import LocalServerError, ServerSettings, serve_forever
+    from rlm.utils.endpoint import is_loopback
 
     started = time.perf_counter()
 
     def ready(url: str) -> None:
         typer.echo(url)
         say(f"serving {settings.alias} at {url} (ready in {time.perf_counter() - started:.1f} s); Ctrl-C to stop")
-        if not _is_loopback(host):
+        if not is_loopback(host):
             say(f"warning: {host} is reachable from other machines, and the server asks for no API key")
 
     try:
         settings = ServerSettings(
             gguf=str(gguf) if gguf else None, host=host, port=port, n_ctx=ctx, parallel=parallel,
-            threads=threads, verbose=verbose,
+            threads=threads, max_reply_tokens=max_reply_tokens, verbose=verbose,
         ).resolved()
         serve_forever(settings, ready)
     except LocalServerError as exc:
@@ -101,14 +110,21 @@ def serve(
 
 
 def demo(
-    gguf: Annotated[Path | None, typer.Option(help="A GGUF model file (default: the bundled SmolLM2-135M).")] = None,
-    api_url: Annotated[str | None, typer.Option(help="Use this OpenAI-compatible endpoint instead of the local model.")] = None,
-    model: Annotated[str, typer.Option(help="Model at --api-url (default: its first model).")] = "auto",
-    tokens: Annotated[str, typer.Option(help="Haystack size in tokens (e.g. 1k, 8k).")] = "1k",
-    seed: Annotated[int, typer.Option(help="Seed of the generated haystack.")] = 0,
-    max_iterations: Annotated[int, typer.Option(min=1, help="Root turns before giving up.")] = 3,
-    max_reply_tokens: Annotated[int, typer.Option(min=1, help="Cap on each model reply.")] = 192,
-    log_dir: Annotated[Path | None, typer.Option(help="Where the trajectory goes (default: a new temp folder).")] = None,
+    gguf: Annotated[
+        Path | None, typer.Option(metavar="PATH", help="A GGUF model file (default: the bundled SmolLM2-135M).")
+    ] = None,
+    api_url: Annotated[
+        str | None, typer.Option(metavar="URL", help="Use this OpenAI-compatible endpoint instead of the local model.")
+    ] = None,
+    model: Annotated[str, typer.Option(metavar="NAME", help="Model at --api-url (default: its first model).")] = "auto",
+    tokens: Annotated[str, typer.Option(metavar="SIZE", help="Haystack size in tokens (e.g. 1k, 8k).")] = "1k",
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the generated haystack.")] = 0,
+    max_iterations: Annotated[int, typer.Option(min=1, metavar="N", help="Root turns before giving up.")] = 3,
+    max_reply_tokens: Annotated[int, typer.Option(min=1, metavar="N", help="Cap on each model reply.")] = 192,
+    log_dir: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="Where the trajectory goes (default: $RLM_LOG_DIR, else the "
+                                  "runs directory of rlm runs and rlm view).")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> None:
@@ -122,8 +138,11 @@ def demo(
         _fail(failure_for(exc))
     if not quiet:
         say(f"demo: a {len(task.context):,}-character haystack with one needle; question: {task.question}")
-    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="rlm-demo-"))
-    options = {"max_iterations": max_iterations, "max_reply_tokens": max_reply_tokens, "log_dir": str(log_dir)}
+    from rlm.trajectory import cli_log_dir
+
+    options = {
+        "max_iterations": max_iterations, "max_reply_tokens": max_reply_tokens, "log_dir": str(cli_log_dir(log_dir)),
+    }
     report, failure = _demo_run(task, gguf, api_url, model, options, quiet=quiet)
     if json_output:
         typer.echo(json_text({**report, "error": failure.message if failure else None}))
@@ -153,7 +172,7 @@ def _demo_run(
                     answer = engine.completion(context=task.context, query=task.question)
                 report.update(_outcome(engine, answer, task.answer))
     except (Exception, KeyboardInterrupt) as exc:  # one line and an exit code, never a traceback
-        return report, _local_failure(exc)
+        return report, _local_failure(exc, api_url)
     return report, None
 
 
@@ -209,21 +228,12 @@ def _print_report(report: dict[str, Any]) -> None:
     echo("\n".join(lines))
 
 
-def _local_failure(exc: BaseException) -> Failure:
+def _local_failure(exc: BaseException, api_url: str | None = None) -> Failure:
     from rlm.local import LocalModelError
 
     if isinstance(exc, LocalModelError):
         exc = BadInput(str(exc))
-    return failure_for(exc)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return failure_for(exc, api_url=api_url)
 
 
 def _fail(failure: Failure) -> None:

@@ -8,19 +8,20 @@ from `rlm.cli.exits`, the one place they are defined.
 from __future__ import annotations
 
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from rlm import __version__
-from rlm.cli import bench, local, view
-from rlm.cli.exits import BadInput, ExitCode, Failure, failure_for, no_answer
-from rlm.cli.local import local_endpoint
+from rlm.cli import batch, bench, endpoints, local, view
+from rlm.cli.exits import ExitCode, Failure, failure_for, no_answer
+from rlm.cli.inputs import read_context
+from rlm.cli.local import LOCAL, local_endpoint
 from rlm.cli.output import (
     SANDBOX_HELP,
     SANDBOX_METAVAR,
+    command_app,
     echo,
     isolation_warning_held,
     json_text,
@@ -28,12 +29,13 @@ from rlm.cli.output import (
     warn_if_unisolated,
 )
 from rlm.cli.progress import Progress
+from rlm.local import REPLY_TOKENS as LOCAL_REPLY_TOKENS
 from rlm.sandbox import AUTO, parse_size
 from rlm.utils.prompts import PROMPTS
 
 __all__ = ["app", "run"]
 
-app = typer.Typer(name="rlm", no_args_is_help=True, add_completion=False)
+app = command_app(name="rlm", no_args_is_help=True)
 
 _API_URL_HELP = "OpenAI-compatible endpoint (default: $RLM_API_URL, else http://localhost:8080/v1)."
 _RETRIES_HELP = "Retries of a failed request (429, 5xx, connection errors) before giving up."
@@ -57,38 +59,60 @@ def main(
 @app.command()
 def ask(
     query: Annotated[str, typer.Argument(metavar="QUERY", help="The question to answer about the context.")],
-    context: Annotated[str, typer.Option("--context", "-c", help="Text file with the context, or - for stdin.")],
+    context: Annotated[
+        str, typer.Option("--context", "-c", metavar="FILE", help="Text file with the context, or - for stdin.")
+    ],
     model: Annotated[
-        str, typer.Option(help="Root model, 'auto' for the endpoint's first model, or 'local' (the bundled model).")
+        str, typer.Option(metavar="NAME", help="Root model, 'auto' for the endpoint's first model, or 'local' (the "
+                          "bundled model).")
     ] = "auto",
-    sub_model: Annotated[str, typer.Option(help="Sub-model for llm_query, or 'auto'.")] = "auto",
-    api_url: Annotated[str | None, typer.Option(help=_API_URL_HELP)] = None,
-    max_iterations: Annotated[int, typer.Option(min=1, help="Root turns before giving up.")] = 20,
+    sub_model: Annotated[str, typer.Option(metavar="NAME", help="Sub-model for llm_query, or 'auto'.")] = "auto",
+    api_url: Annotated[str | None, typer.Option(metavar="URL", help=_API_URL_HELP)] = None,
+    max_iterations: Annotated[int, typer.Option(min=1, metavar="N", help="Root turns before giving up.")] = 20,
+    max_reply_tokens: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Cap on each root reply (default: the server's; "
+                                 f"{LOCAL_REPLY_TOKENS} with --model local).")
+    ] = None,
+    context_window: Annotated[
+        int | None, typer.Option(min=256, metavar="TOKENS", help="The root model's context window, when the server "
+                                 "does not report it (or reports a wrong one).")
+    ] = None,
     sandbox: Annotated[str, typer.Option(metavar=SANDBOX_METAVAR, help=SANDBOX_HELP)] = AUTO,
     exec_timeout: Annotated[
-        float | None, typer.Option(show_default="120", help="Seconds one code cell may run.")
-    ] = None,
+        float, typer.Option(min=0.1, metavar="SECONDS", help="Seconds one code cell may run.")
+    ] = 120,
     memory_limit: Annotated[
         str, typer.Option(metavar="SIZE", help="Memory of the REPL worker, e.g. 8G, 512M, or none.")
     ] = "4G",
     cpu_time_limit: Annotated[
-        float | None, typer.Option(min=1, help="CPU seconds a REPL worker may use before it is replaced.")
+        float | None, typer.Option(min=1, metavar="SECONDS", help="CPU seconds a REPL worker may use before it is "
+                                   "replaced.")
     ] = None,
     prompt: Annotated[str, typer.Option(metavar="|".join(PROMPTS), help="System prompt to use.")] = "default",
     log_dir: Annotated[
-        Path | None, typer.Option(help="Write the run's trajectory as JSONL here (default: $RLM_LOG_DIR).")
+        Path | None, typer.Option(metavar="DIR", help="Write the run's trajectory as JSONL here (default: "
+                                  "$RLM_LOG_DIR).")
     ] = None,
     keep_logs: Annotated[
         bool, typer.Option("--keep-logs", help="Keep the trajectory ($RLM_LOG_DIR or the user data dir; see rlm runs).")
     ] = False,
-    max_retries: Annotated[int, typer.Option(min=0, help=_RETRIES_HELP)] = 3,
+    max_retries: Annotated[int, typer.Option(min=0, metavar="N", help=_RETRIES_HELP)] = 3,
     max_depth: Annotated[
-        int, typer.Option(min=0, help="1: llm_query calls the sub-model; 2+: rlm_query starts child RLMs; 0: none.")
+        int, typer.Option(min=0, metavar="N", help="1: llm_query calls the sub-model; 2+: rlm_query starts child "
+                          "RLMs; 0: none.")
     ] = 1,
-    max_cost: Annotated[float | None, typer.Option(min=0, help="Stop at this cost in USD (known prices).")] = None,
-    max_tokens: Annotated[int | None, typer.Option(min=1, help="Stop at this many tokens, all calls.")] = None,
-    max_sub_calls: Annotated[int | None, typer.Option(min=1, help="Most calls below the root model.")] = None,
-    max_time: Annotated[float | None, typer.Option(min=0, help="Stop after this many seconds.")] = None,
+    max_cost: Annotated[
+        float | None, typer.Option(min=0, metavar="USD", help="Stop at this cost in USD (known prices).")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Stop at this many tokens, all calls.")
+    ] = None,
+    max_sub_calls: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Most calls below the root model.")
+    ] = None,
+    max_time: Annotated[
+        float | None, typer.Option(min=0, metavar="SECONDS", help="Stop after this many seconds.")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, status, usage.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No status line on stderr.")] = False,
 ) -> None:
@@ -97,30 +121,34 @@ def ask(
     answer: str | None = None
     failure: Failure | None = None
     engine = None
+    if model == LOCAL and max_reply_tokens is None:
+        max_reply_tokens = LOCAL_REPLY_TOKENS  # what the local server caps replies at: the room fitting keeps
     try:
-        source = _read_context(context, quiet=quiet)
+        source = read_context(context, quiet=quiet)
         from rlm.rlm_repl import RLM_REPL
 
-        with local_endpoint(model, sub_model, api_url, quiet=quiet) as (model, sub_model, api_url):
+        with local_endpoint(model, sub_model, api_url, quiet=quiet) as (model, sub_model, url):
             with isolation_warning_held():
                 engine = RLM_REPL(
                     model, sub_model, max_iterations,
-                    api_url=api_url, sandbox=sandbox, system_prompt=prompt, max_retries=max_retries,
+                    api_url=url, sandbox=sandbox, system_prompt=prompt, max_retries=max_retries,
                     log_dir=view.ask_log_dir(log_dir, keep_logs), on_event=progress,
                     max_depth=max_depth, max_cost=max_cost, max_tokens=max_tokens, max_sub_calls=max_sub_calls,
-                    max_time=max_time, **({"exec_timeout": exec_timeout} if exec_timeout is not None else {}),
-                    memory_limit=parse_size(memory_limit), cpu_time_limit=cpu_time_limit,
+                    max_time=max_time, exec_timeout=exec_timeout, max_reply_tokens=max_reply_tokens,
+                    context_window=context_window, memory_limit=parse_size(memory_limit), cpu_time_limit=cpu_time_limit,
                 )
             warn_if_unisolated(sandbox)
             with progress:
                 answer = engine.completion(context=source, query=query)
     except (Exception, KeyboardInterrupt) as exc:  # every failure becomes one line and an exit code
-        failure = failure_for(exc)
+        failure = failure_for(exc, api_url=api_url)
     trajectory = engine.tracer.path if engine is not None else None
     if engine is not None:
         engine.close()
+    end = progress.end
     if answer is None and failure is None:
-        failure = no_answer(max_iterations)
+        failure = no_answer(end.turns if end else max_iterations, end.status if end else "max_iterations",
+                            end.reason if end else None)
     if json_output:
         level = engine.sandbox_level if engine is not None else None
         typer.echo(json_text({**_report(answer, failure, progress, trajectory), "sandbox": level}))
@@ -135,8 +163,8 @@ def ask(
 
 @app.command()
 def models(
-    api_url: Annotated[str | None, typer.Option(help=_API_URL_HELP)] = None,
-    max_retries: Annotated[int, typer.Option(min=0, help=_RETRIES_HELP)] = 3,
+    api_url: Annotated[str | None, typer.Option(metavar="URL", help=_API_URL_HELP)] = None,
+    max_retries: Annotated[int, typer.Option(min=0, metavar="N", help=_RETRIES_HELP)] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """List the endpoint's models (id, and context window when the server tells it)."""
@@ -147,7 +175,7 @@ def models(
         listing = client.list_models()
         client.close()
     except (Exception, KeyboardInterrupt) as exc:  # one line and an exit code, never a traceback
-        failure = failure_for(exc)
+        failure = failure_for(exc, api_url=api_url)
         say(failure.message)
         raise typer.Exit(int(failure.code)) from None
     rows = [{"id": str(entry["id"]), "context_window": context_window_of(entry)} for entry in listing]
@@ -165,6 +193,8 @@ def models(
 bench.register(app)
 local.register(app)
 view.register(app)
+endpoints.register(app)
+batch.register(app)
 
 
 def run() -> None:
@@ -177,24 +207,6 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _read_context(option: str, *, quiet: bool) -> str | Path:
-    """A Path for a file (the sandbox reads it, never the host); the text itself for '-' (stdin)."""
-    if option != "-":
-        return Path(option)
-    if sys.stdin is None:
-        raise BadInput("--context - needs a standard input; pipe the context in, or pass a file")
-    if sys.stdin.isatty() and not quiet:
-        say("reading the context from stdin; end it with Ctrl-D")
-    try:
-        text = sys.stdin.buffer.read().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        where = f"byte {exc.start}: {exc.reason}"
-        raise BadInput(f"the context on stdin is not UTF-8 text ({where}); convert it first, e.g. with iconv") from None
-    if not text.strip():
-        raise BadInput("the context read from stdin is empty; pipe it in, e.g. rlm ask QUERY --context - < file.txt")
-    return text
-
-
 def _report(answer: str | None, failure: Failure | None, progress: Progress, trajectory: Path | None) -> dict[str, Any]:
     end = progress.end
     if answer is not None:
@@ -203,8 +215,8 @@ def _report(answer: str | None, failure: Failure | None, progress: Progress, tra
         status = "interrupted"
     elif failure is not None and failure.code is ExitCode.BUDGET:
         status = "budget_exceeded"
-    elif end is not None and end.status == "max_iterations":
-        status = "max_iterations"
+    elif end is not None and end.status in ("max_iterations", "no_progress"):
+        status = end.status
     else:
         status = "error"
     return {
@@ -212,6 +224,7 @@ def _report(answer: str | None, failure: Failure | None, progress: Progress, tra
         "status": status,
         "exit_code": int(failure.code if failure is not None else ExitCode.ANSWERED),
         "error": failure.message if failure is not None else None,
+        "reason": end.reason if end is not None else None,
         "cost_summary": end.usage if end is not None else None,
         "run_id": end.run_id if end is not None else None,
         "turns": end.turns if end is not None else 0,

@@ -13,18 +13,47 @@ import warnings
 from typing import Any, Iterator
 
 import typer
+from typer.core import TyperGroup
 
 from rlm._text import TERMINAL_UNSAFE, terminal_safe
 from rlm.errors import IsolationWarning
 from rlm.sandbox import AUTO, SANDBOXES
 
 __all__ = [
-    "SANDBOX_HELP", "SANDBOX_METAVAR", "echo", "isolation_warning_held", "json_text", "sandbox_line", "say",
-    "warn_if_unisolated",
+    "SANDBOX_HELP", "SANDBOX_METAVAR", "command_app", "echo", "isolation_warning_held", "json_text", "sandbox_line",
+    "say", "warn_if_unisolated",
 ]
 
 SANDBOX_METAVAR = "|".join([AUTO, *SANDBOXES])
 SANDBOX_HELP = "Where model code runs. auto: the strongest isolation this machine has (bwrap, else strict)."
+
+
+# Help as git, pip and llm show it: -h or --help; plain text wrapped to the terminal's width
+# (never cut); flags that take no value shown bare; defaults as they are typed.
+_HELP_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 200}
+_WHOLE = 1_000  # characters: a command's first sentence, never cut
+
+
+class _Group(TyperGroup):
+    """A command group whose list of commands shows each one's first sentence whole, wrapped
+    (click cuts it to the width left on the line)."""
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:  # typer's own click types
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=_WHOLE)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def command_app(**options: Any) -> typer.Typer:
+    """A Typer app (the `rlm` command, or a group of its subcommands) with those help conventions."""
+    return typer.Typer(
+        cls=_Group, rich_markup_mode=None, context_settings=dict(_HELP_SETTINGS), add_completion=False, **options
+    )
 
 
 def echo(text: str, *, err: bool = False) -> None:

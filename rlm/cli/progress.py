@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from rlm._text import terminal_safe
 from rlm.cli.output import sandbox_line, say
@@ -46,9 +46,10 @@ class Progress:
     Use it as a context manager around the run: the live view lives inside the block.
     """
 
-    def __init__(self, max_turns: int, mode: Mode) -> None:
+    def __init__(self, max_turns: int, mode: Mode, *, on_line: Callable[[str], None] | None = None) -> None:
         self.max_turns = max_turns
         self.mode = mode
+        self._on_line = on_line or say  # where "plain" lines go (the front ends send them to their client)
         self.turn = 0
         self.sub_calls = 0
         self.tokens = 0
@@ -79,7 +80,7 @@ class Progress:
                 live.console.print(f"rlm: {said[0]}", markup=False, highlight=False)
         elif self.mode == "plain":
             for line in said:
-                say(line)
+                self._on_line(line)
 
     def __enter__(self) -> "Progress":
         if self.mode == "rich":

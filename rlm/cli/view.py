@@ -88,11 +88,11 @@ def replay(
 
     Exit code 0 when the new run matches the recording, 6 when it diverged.
     """
-    from rlm.cli.main import _read_context
+    from rlm.cli.inputs import read_context
     from rlm.replay import replay_run
 
     try:
-        result = replay_run(path, _read_context(context, quiet=True), sandbox=sandbox)
+        result = replay_run(path, read_context(context, quiet=True), sandbox=sandbox)
     except (Exception, KeyboardInterrupt) as exc:  # one line and an exit code, never a traceback
         _fail(_failure(exc))
     divergence = result.divergence

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import ipaddress
 import json
 import ssl
 import threading
@@ -33,11 +34,12 @@ import httpx2
 
 from rlm.errors import ClientError, ConfigError, EndpointUnreachable, MalformedResponse, ResponseLimitExceeded
 from rlm.utils.limits import ACCEPT_ENCODING, ResponseLimits, origin_of, response_hooks
+from rlm.utils.overflow import overflow_error
 from rlm.utils.retry import CallSchedule, check_timing, retried_status, told_wait
 
 __all__ = [
     "JSONEndpoint", "LoopBound", "translated_errors", "sdk_retried", "decoded_json", "ssl_context",
-    "guarded_options", "read_within", "run_blocking",
+    "guarded_options", "read_within", "run_blocking", "is_loopback",
 ]
 
 _T = TypeVar("_T")
@@ -60,6 +62,7 @@ class JSONEndpoint:
         self._timeout = float(timeout)
         self._max_retries = max_retries
         self._limits = limits or ResponseLimits()
+        self._loopback = is_loopback(httpx2.URL(base_url).host)
         self._options: dict[str, Any] = {
             "base_url": base_url + "/",
             "headers": {"Accept-Encoding": ACCEPT_ENCODING, **headers},
@@ -101,6 +104,8 @@ class JSONEndpoint:
                 )
             except httpx2.RequestError as exc:
                 outcome = self._failure(exc)
+                if self._loopback and _refused(outcome):
+                    self._give_up(outcome)  # nothing listens on this machine: waiting will not start it
             if isinstance(outcome, httpx2.Response) and not retried_status(outcome.status_code):
                 if outcome.status_code >= 400:
                     self._give_up(outcome)
@@ -257,6 +262,28 @@ def run_blocking(work: Callable[[], Awaitable[_T]], release: Callable[[], Awaita
         return pool.submit(asyncio.run, once()).result()
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _refused(failure: BaseException) -> bool:
+    """Whether a failed connection was refused (nothing listens at that port)."""
+    seen: BaseException | None = failure
+    for _ in range(8):  # the chain is short; a loop in it must not hang us
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
     """The TLS error under a connection failure, if that is what it was."""
     seen: BaseException | None = exc
@@ -319,6 +346,9 @@ def tls_error(url: str, error: ssl.SSLError) -> ClientError:
 
 
 def status_error(url: str, status: int, body: str) -> ClientError:
+    overflow = overflow_error(url, status, body, _brief(body))
+    if overflow is not None:
+        return overflow
     return ClientError(
         f"the model endpoint {url} answered HTTP {status}: {_brief(body)}{_hint(status)}", url=url, status=status, body=body
     )

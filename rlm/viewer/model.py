@@ -37,10 +37,12 @@ def page_data(trajectory: Trajectory) -> dict[str, Any]:
     texts = _Texts()
     numbers = {run.run_id: number for number, run in enumerate(trajectory.walk())}
     root = trajectory.root
+    error, reason = _ending(root)
     return {
         "meta": {
             "file": trajectory.path.name if trajectory.path else None, "run_id": root.run_id,
             "query": texts.ref(root.query), "answer": texts.ref(root.answer), "status": root.status,
+            "error": texts.ref(error), "reason": texts.ref(reason),
             "started": (root.start or trajectory.events[0]).get("ts"), "truncated": trajectory.truncated,
             "version": trajectory.events[0].get("v"),
         },
@@ -49,6 +51,14 @@ def page_data(trajectory: Trajectory) -> dict[str, Any]:
         "root": _run(root, texts, numbers),
         "texts": texts.items,
     }
+
+
+def _ending(run: RunNode) -> tuple[str | None, str | None]:
+    """What ended a run without an answer: its error ("Kind: message"), and the stop reason its
+    run_end gives when that says more (why no answer came: no progress, turns used up)."""
+    error = next((f"{event.get('kind')}: {event.get('message')}" for event in reversed(run.errors)), None)
+    reason = (run.end or {}).get("reason")
+    return error, reason if reason and reason != error else None
 
 
 def _run(run: RunNode, texts: _Texts, numbers: dict[str, int]) -> dict[str, Any]:

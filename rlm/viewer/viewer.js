@@ -287,7 +287,9 @@
     badge.textContent = meta.status + (meta.truncated ? " (file cut short)" : "");
     badge.classList.add(meta.status === "answered" ? "ok" : "bad");
     const summary = document.getElementById("summary");
-    const row = (k, v) => { if (v) summary.append(el("dt", null, k), el("dd", null, v)); };
+    const row = (k, v, cls) => { if (v) summary.append(el("dt", null, k), el("dd", cls || null, v)); };
+    if (meta.error !== null) row("error", text(meta.error), "failure");
+    if (meta.reason !== null) row("stopped", text(meta.reason), "failure");
     row("question", text(meta.query));
     row("answer", meta.answer === null ? "(none)" : text(meta.answer));
     row("file", (meta.file || "") + (meta.started ? "  \u00b7  " + new Date(meta.started * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC" : "") + "  \u00b7  format v" + meta.version);
