@@ -439,7 +439,9 @@ class Run:
             future.cancel()
         if self._cell is not None and not self._cell.done():
             unwound = asyncio.wrap_future(self._cell)
-            done, _ = await asyncio.wait([unwound], timeout=_UNWIND_WAIT)
+            # A cell released from a sub-call unwinds at once; one computing would not: its
+            # sandbox is closed under it without waiting.
+            done, _ = await asyncio.wait([unwound], timeout=_UNWIND_WAIT if waiting else 0)
             for future in done:
                 if not future.cancelled():
                     future.exception()  # retrieved and dropped: the run has already ended

@@ -278,9 +278,8 @@ def test_a_client_that_leaves_frees_the_worker_of_a_busy_cell(client: openai.Ope
     ask(client, "[length] First a run, so that what every run needs is there already.")
     before = descendants(server.pid)
     worker, gone_after = _left_server(server, "[sleep] Take your time.", before)
-    # The engine lets a running cell unwind for up to 1 s (rlm/engine.py, _UNWIND_WAIT) before it
-    # closes the worker under it: that wait, and then the kill.
-    assert worker and gone_after < 1.0 + 0.5
+    # A cell that is computing (not waiting on a sub-call) is not waited for: its worker is closed.
+    assert worker and gone_after < 1.0
     assert os.path.exists(f"/proc/{server.pid}")  # the server itself goes on
 
 
