@@ -228,7 +228,11 @@ def probe_level(level: str, timeout: float = 120.0, user: int | None = None) -> 
     )
     if done.returncode != 0 or not done.stdout.strip():
         who = "" if user is None else f" as uid {user}"
-        raise RuntimeError(f"probing {level!r}{who} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+        hint = "" if user is None else (
+            f" (uid {user} must be able to run {sys.executable} and import rlm from {os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}: "
+            "give the directories on the way o+x, as .ci/run does)"
+        )
+        raise RuntimeError(f"probing {level!r}{who} failed (exit {done.returncode}){hint}: {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
