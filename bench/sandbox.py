@@ -8,7 +8,12 @@ Prints, for each level:
   1. worker start: creating a sandbox until it is ready for a cell (median of --starts);
   2. exec round trip: one trivial cell, host to worker and back (median of --cells);
   3. llm_query round trip: one call from model code to the host's bridge and back, the
-     bridge answering at once (mean over a cell making --calls of them).
+     bridge answering at once (mean over a cell making --calls of them);
+  4. tool call: one call of a host tool (`RLM_REPL(tools=...)`) through the whole engine (pool,
+     trace event), and what it costs over an `llm_query` through the same engine, answered at
+     once by a scripted sub-model, cache off (target: under 1 ms).
+Then a multi-turn session (`rlm.session()`, scripted model) per level: the first and second
+completion()'s wall time, and REPL workers started (a second completion starts none).
 Then what the seccomp allow list costs (strict level): compiling it for one worker, worker
 start with and without it, and cells with and without it (a trivial one, and one making 20,000
 system calls). Then, for a 1 GB ASCII file given as a `Path`, with each worker level, in a fresh host process
@@ -43,6 +48,24 @@ def _bridge(kind: str, prompts: list[str]) -> list[str]:
     return ["ok" for _ in prompts]
 
 
+def echo(text: str) -> str:
+    """Returns its argument."""
+    return text
+
+
+def _engine_call(level: str, calls: int, call: str) -> float:
+    """Seconds per `call` in a cell making `calls` of them, run by RLM_REPL (tool `echo`, cache off)."""
+    from rlm.rlm_repl import RLM_REPL
+    from rlm.testing import ScriptedModel
+
+    cell = f"```repl\nfor _ in range({calls}):\n    {call}\n```"
+    root = ScriptedModel(["```repl\nx = 1\n```", cell, "FINAL(1)"])
+    sub = ScriptedModel(lambda request: "ok")
+    with RLM_REPL(client=root, sub_client=sub, sandbox=level, cache=False, tools=[echo]) as engine:
+        engine.completion(context="x", query="q")
+    return [event.duration for event in engine.trace if event.type == "exec"][1] / calls
+
+
 def _level_figures(level: str, starts: int, cells: int, calls: int) -> dict[str, float]:
     from rlm.sandbox import create_sandbox
 
@@ -62,7 +85,32 @@ def _level_figures(level: str, starts: int, cells: int, calls: int) -> dict[str,
         began = time.perf_counter()
         box.run(f"for _ in range({calls}):\n    llm_query('q')", timeout=300, max_output=1000)
         per_call = (time.perf_counter() - began) / calls
-    return {"start": statistics.median(start_times), "exec": statistics.median(round_trips), "llm_query": per_call}
+    tool = _engine_call(level, calls, "echo('q')")
+    engine_query = _engine_call(level, calls, "llm_query('q')")
+    return {"start": statistics.median(start_times), "exec": statistics.median(round_trips), "llm_query": per_call,
+            "tool": tool, "tool_over": tool - engine_query}
+
+
+def _print_sessions(levels: list[str]) -> None:
+    """Two completions of one session per level: the second reuses the first one's worker."""
+    import rlm
+    from rlm.testing import ScriptedModel
+
+    cell = "```repl\nimport os\npid = os.getpid()\n```"
+    print(f"\n{'session':<12}{'1st completion':>16}{'2nd completion':>16}{'workers started':>17}{'same pid':>10}")
+    for level in levels:
+        root = ScriptedModel([cell, "FINAL_VAR(pid)", cell, "FINAL_VAR(pid)"])
+        with rlm.session(client=root, sub_client=root, sandbox=level) as session:
+            first, pid = _timed_answer(session, "one")
+            second, again = _timed_answer(session, "two")
+            started = session.workers_started
+        print(f"{level:<12}{first * 1e3:>13.1f} ms{second * 1e3:>13.1f} ms{started:>17}{str(pid == again):>10}")
+
+
+def _timed_answer(session: object, context: str) -> tuple[float, str]:
+    began = time.perf_counter()
+    answer = session.completion(context=context, query="Which process?")
+    return time.perf_counter() - began, answer
 
 
 def _make_big_file(size_mb: int) -> Path:
@@ -143,11 +191,13 @@ print(time.perf_counter() - began)
 
 
 def _print_levels(levels: list[str], args: argparse.Namespace) -> None:
-    print(f"{'level':<12}{'worker start':>14}{'exec round trip':>18}{'llm_query round trip':>23}")
+    print(f"{'level':<12}{'worker start':>14}{'exec round trip':>18}{'llm_query round trip':>23}"
+          f"{'tool call':>13}{'tool over llm_query':>22}")
     for level in levels:
         figures = _level_figures(level, args.starts, args.cells, args.calls)
         print(f"{level:<12}{figures['start'] * 1e3:>11.1f} ms{figures['exec'] * 1e3:>15.3f} ms"
-              f"{figures['llm_query'] * 1e3:>20.3f} ms")
+              f"{figures['llm_query'] * 1e3:>20.3f} ms{figures['tool'] * 1e3:>10.3f} ms"
+              f"{figures['tool_over'] * 1e3:>19.3f} ms")
     colds = [float(subprocess.run([sys.executable, "-c", _COLD_START], capture_output=True, text=True,
                                   check=True).stdout) for _ in range(5)]
     print(f"(the first subprocess/strict worker of a host process also starts the fork server: "
@@ -267,6 +317,7 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, Linux {os.uname().release}, load {load}\n")
     if not args.big_only:
         _print_levels(levels, args)
+        _print_sessions(levels)
         if "strict" in levels:
             _print_filter_cost(args.starts, args.cells)
     if not args.no_big:

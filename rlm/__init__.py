@@ -19,11 +19,12 @@ from rlm import errors as _errors
 
 __version__ = "0.1.0"
 
-__all__ = ["RLM", "RLM_REPL", "RLMResult", "ResponseLimits", "arun", "run", *_errors.__all__, "__version__"]
+__all__ = ["RLM", "RLM_REPL", "RLMResult", "ResponseLimits", "Session", "Tool", "arun", "run", "session", *_errors.__all__, "__version__"]
 
 _LAZY = {
     "RLM": "rlm.rlm", "RLM_REPL": "rlm.rlm_repl", "ResponseLimits": "rlm.utils.limits",
-    "RLMResult": "rlm.result", "run": "rlm.result", "arun": "rlm.result",
+    "RLMResult": "rlm.result", "run": "rlm.result", "arun": "rlm.result", "Tool": "rlm.tools",
+    "Session": "rlm.sessions", "session": "rlm.sessions",
 }
 
 

@@ -11,12 +11,14 @@ chat template. A server's refusal that states the request's size corrects the co
 Fitting (`fit`). A request must leave room for the reply: the budget is the window less the
 reply cap (a quarter of the window, at most 8,192 tokens, when no cap is set). When a request
 would pass it, whole old turns (one reply of the model with the REPL output that answered it)
-are taken out, oldest first, until the request is down to `REFILL` of the budget: later turns
-then append to an unchanged prefix again, so a server's prompt cache keeps working. The system
-prompt, the first user message (the context's description and the question) and the latest
-turn always stay. A `Condenser` writes what stands in for the removed turns, at the end of the
+are taken out, oldest first, until the request is down to `REFILL` of the budget (of
+`compact_at`'s share of the window, when set): later turns then append to an unchanged prefix
+again, so a server's prompt cache keeps working. The system prompt, the first user message
+(the context's description and the question) and the latest turn always stay. A `Condenser` writes what stands in for the removed turns, at the end of the
 newest message: `DropTurns` (the default) a note naming them; a summariser could return a
-summary of them instead. Only when the latest turn alone is too long is it cut in the middle
+summary of them instead (`rlm.compaction.Summarise`, which `compact_at` turns on: then turns
+are taken out, and summarised, as soon as the request passes that share of the window).
+Only when the latest turn alone is too long is it cut in the middle
 (its output first); when even that cannot fit, `ContextWindowExceeded`. A first request too
 long by the estimate alone is sent all the same: the server's count, or its refusal, decides.
 """
@@ -32,7 +34,7 @@ from rlm.usage import Usage
 
 __all__ = [
     "CHARS_PER_TOKEN", "MESSAGE_OVERHEAD", "REFILL", "Condenser", "Conversation", "DropTurns", "Fit",
-    "reply_room", "too_long",
+    "reply_room", "too_long", "turns_text",
 ]
 
 CHARS_PER_TOKEN = 3.0  # cautious for prose (~4 a token); code and numbers pack fewer
@@ -62,7 +64,7 @@ class DropTurns:
 
     async def condense(self, removed: list[dict], removed_turns: list[int]) -> str:
         return (
-            f"(Note: to fit your context window, {_turns_text(removed_turns)} of this conversation (your replies and "
+            f"(Note: to fit your context window, {turns_text(removed_turns)} of this conversation (your replies and "
             "the REPL output that answered them) were removed. The REPL still holds every variable; keep what you "
             "need in variables and print less.)"
         )
@@ -156,10 +158,14 @@ class Conversation:
         sent = self.count()
         return min(window, sent) * 3 // 4 if window else sent * 3 // 4
 
-    async def fit(self, window: int | None, reply_tokens: int | None, *, url: str) -> Fit:
+    async def fit(
+        self, window: int | None, reply_tokens: int | None, *, url: str, compact_at: float | None = None
+    ) -> Fit:
         """Make the next request fit `window` with room for the reply (see the module's docstring).
 
-        Raises ContextWindowExceeded (naming `url`) when it cannot fit.
+        `compact_at`: take old turns out as soon as the request passes this share of the window
+        (compaction), not only when it passes the budget. Raises ContextWindowExceeded (naming
+        `url`) when it cannot fit.
         """
         if not window:
             return Fit(None, self.count())
@@ -170,9 +176,10 @@ class Conversation:
             if any(message.tokens is None for message in self._all[:2]):
                 return Fit(window, self.count())  # only estimated: the server's count (or refusal) decides
             raise too_long(url, window=window, request_tokens=head, reply_tokens=room)
-        if self.count() <= budget:
+        limit = budget if compact_at is None else min(budget, int(window * compact_at))
+        if self.count() <= limit:
             return Fit(window, self.count())
-        removed = await self._remove_old_turns(int(budget * REFILL))
+        removed = await self._remove_old_turns(int(limit * REFILL))
         shortened = self._cut_latest_turn(budget)
         total = self.count()
         if total > budget:
@@ -219,7 +226,7 @@ class Conversation:
             return []
         newest = self._all[-1]
         earlier = [{"role": newest.role, "content": newest.note}] if newest.note else []
-        taken = earlier + [message.as_dict() for message in live if message.turn in removed]
+        taken = earlier + [{**message.as_dict(), "turn": message.turn} for message in live if message.turn in removed]
         self._removed.extend(removed)
         newest.note = await self.condenser.condense(taken, list(self._removed))
         newest.tokens = None
@@ -264,7 +271,7 @@ def too_long(
     )
 
 
-def _turns_text(turns: list[int]) -> str:
+def turns_text(turns: list[int]) -> str:
     """"turn 3", "turns 1-4", "turns 1-4 and 7"."""
     ranges: list[list[int]] = []
     for turn in sorted(turns):

@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import json
 import threading
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 from rlm._pool import TreePool
 from rlm._text import clean_text, truncate_middle
+from rlm.compaction import Summarise
 from rlm.conversation import Conversation, Fit, reply_room, too_long
 from rlm.errors import BudgetExceeded, ClientError, ContextError, ContextWindowExceeded, MalformedResponse
 from rlm.parsing import ParsedReply, parse_reply
@@ -27,16 +29,24 @@ from rlm.repl import REPLEnv, SandboxFactory
 from rlm.sandbox import ContextSource, ExecResult, SandboxLimits, SubCallFailed
 from rlm.sandbox.base import ChildQuery
 from rlm.sandbox.describe import describe_context
+from rlm.schema import AnswerSchema
 from rlm.stalls import StallWatch
 from rlm.usage import CallRecord, Usage, UsageLedger, price_call
 from rlm.utils import prompts
+from rlm.tools import Tool, call_tool, tool_specs
 from rlm.utils.llm import Completion, LLMClient
-from rlm.utils.tracing import Final, LLMCall, RunStart, SubCall, Tracer, new_run_id
+from rlm.utils.tracing import Final, LLMCall, RunStart, SubCall, ToolCall, Tracer, new_run_id
 
-__all__ = ["Limits", "Run", "Settings", "Tree", "recorded_settings"]
+__all__ = ["BATCH_ERROR_PREFIX", "KeptREPL", "Limits", "Run", "Settings", "Tree", "recorded_settings"]
 
 _UNWIND_WAIT = 1.0  # seconds a stopped run waits for its running cell to unwind before closing it
 _FEEDBACK_ROOM = 4_096  # room for block labels and notes around outputs cut to max_output_length
+# The reply of a batch item that failed (llm_query_batched, rlm_query_batched), before its error.
+BATCH_ERROR_PREFIX = "[sub-call error] "
+# Few tokenizers pack more characters of text in a token: a sub-call prompt longer than this many
+# characters a token times the sub-model's window surely cannot fit, and is refused unsent.
+_SURE_CHARS_PER_TOKEN = 4.0
+_SMALLEST_WINDOW = 4_096  # tokens: a shorter prompt fits any sub-model, so its window is not looked up
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,13 +79,33 @@ class Settings:
     limits: Limits
     sandbox_limits: SandboxLimits = SandboxLimits()  # memory, CPU time, file size of each worker
     sandbox_asked: str | None = None  # the name the caller gave ("auto") when `sandbox` is what it resolved to
+    tools: dict[str, Tool] = dataclasses.field(default_factory=dict)  # host tools of the top run
+    sub_tools: dict[str, Tool] = dataclasses.field(default_factory=dict)  # ... and of child runs
+    sub_context_window: int | None = None  # the sub-model's window in tokens, when the server does not say it
+    # the other sub-models llm_query(prompt, model=name) may choose (RLM_REPL(sub_models=...)), by name
+    sub_models: dict[str, LLMClient] = dataclasses.field(default_factory=dict)
+    compact_at: float | None = None  # share of the window at which old root turns are summarised (rlm.compaction)
+
+
+class KeptREPL(Protocol):
+    """A REPL that outlives its runs: a multi-turn session's (`rlm.session`)."""
+
+    history: list[dict]  # earlier questions and answers: the start of each run's `history`
+    note: str | None  # added to the first user message (which context this question has)
+
+    def open(self, run: "Run", source: ContextSource) -> tuple[REPLEnv, dict]:
+        """The REPL, made for `run` or kept from an earlier one, with `source` loaded (in a pool thread)."""
+        ...
 
 
 class Tree:
     """State shared by every run of one top-level call."""
 
-    def __init__(self, settings: Settings, ledger: UsageLedger, tracer: Tracer) -> None:
+    def __init__(
+        self, settings: Settings, ledger: UsageLedger, tracer: Tracer, schema: AnswerSchema | None = None
+    ) -> None:
         self.settings = settings
+        self.schema = schema  # what the top run's final answer must match (`completion(schema=...)`)
         self.ledger = ledger
         self.tracer = tracer
         self.started = time.monotonic()
@@ -85,6 +115,7 @@ class Tree:
         self.cache: dict[tuple[str, str], asyncio.Future] | None = {} if settings.cache else None
         self.executor = TreePool()  # blocking work: cells, REPL starts and closes
         self.window: int | None = settings.context_window
+        self.sub_windows: dict[str, int] = {}  # each sub-model's window, asked of its server once (0: unknown)
         self.last_root_reply: str | None = None
         self._releasing: list[tuple[concurrent.futures.Future, concurrent.futures.Future]] = []  # closing, opening
 
@@ -193,10 +224,12 @@ class Run:
 
     def __init__(
         self, tree: Tree, *, depth: int, parent_id: str | None, client: LLMClient, run_id: str | None = None,
-        origin: dict | None = None,
+        origin: dict | None = None, repl: "KeptREPL | None" = None,
     ) -> None:
         self.tree = tree
         self.origin = origin or {}  # a child run: the parent's turn, cell and batch item that started it
+        self.kept = repl  # a session's REPL, which outlives this run; None: the run opens and closes its own
+        self.history: list[dict] = list(repl.history) if repl is not None else []  # `history` in the REPL
         self.cell = 0  # cells run so far (the index of the running one), as the exec events count them
         self.depth = depth
         self.parent_id = parent_id
@@ -207,6 +240,7 @@ class Run:
         self.settings = tree.settings
         self.can_sub_call = depth < self.settings.max_depth
         self.can_recurse = depth + 1 < self.settings.max_depth
+        self.tools = self.settings.tools if depth == 0 else self.settings.sub_tools
         self._waiting: set[concurrent.futures.Future] = set()  # cells' sub-calls being answered
         self._waiting_lock = threading.Lock()
         self._ended = False
@@ -215,6 +249,7 @@ class Run:
         self.reason: str | None = None  # why it ended so
         self._learned_window: int | None = None  # the window a server stated when it refused a request
         self.closing: concurrent.futures.Future | None = None  # its REPL closing, once the run has ended
+        self.value: Any = None  # the validated answer, when the tree has a schema (the top run only)
 
     async def answer(self, query: str, source: ContextSource) -> str | None:
         """Run the loop to a final answer, or None without one (`status` and `reason` say why:
@@ -223,7 +258,7 @@ class Run:
         The REPL starts in the pool while the model writes its first reply, when the host can
         describe the context as the worker would (text, or a list of texts).
         """
-        opening = self.tree.executor.submit(self._open_env, source)
+        opening = self._opening = self.tree.executor.submit(self._open_env, source)
         try:
             info = self._described(source)
             sandbox = self.settings.sandbox
@@ -233,7 +268,7 @@ class Run:
             system = prompts.system_prompt(
                 self.settings.prompt, sub_chars=self.settings.sub_call_chars,
                 max_output=self.settings.max_output_length, sub_calls=self.can_sub_call, recursion=self.can_recurse,
-            )
+            ) + prompts.tools_note(self.tools.values())
             self.tree.tracer.emit(RunStart(
                 run_id=self.run_id, parent_id=self.parent_id, depth=self.depth, query=query, context=info,
                 root_model=self.client.model, sub_model=self.settings.sub_client.model, sandbox=sandbox,
@@ -241,26 +276,52 @@ class Run:
                 settings=recorded_settings(self.settings) if self.depth == 0 else None,
                 context_window=await self._window(), **self.origin,
             ))
-            return await self._loop(opening, query, Conversation(system, prompts.first_user_message(query, info)))
+            first = prompts.first_user_message(query, info)
+            if self.depth == 0 and self.tree.schema is not None:
+                first += "\n\n" + prompts.answer_schema_note(self.tree.schema.describe())
+            if self.can_sub_call and self.settings.sub_models:
+                others = list(self.settings.sub_models)
+                first += "\n\n" + prompts.sub_models_note(self.settings.sub_client.model, others)
+            if self.kept is not None and self.kept.note:
+                first += "\n\n" + self.kept.note
+            condenser = Summarise(self) if self.settings.compact_at is not None else None
+            return await self._loop(opening, query, Conversation(system, first, condenser))
         finally:
             try:
                 await self._end()
             finally:
-                self.closing = self.tree.release(opening)
+                if self.kept is None:
+                    self.closing = self.tree.release(opening)
+                else:  # a session's REPL outlives the run, but the session must know it once it is open
+                    await asyncio.wait([asyncio.wrap_future(opening)])
+                    if not opening.cancelled():
+                        opening.exception()  # retrieved: an opening that failed has failed the run already
+
+    async def env(self) -> REPLEnv:
+        """The run's REPL, once open."""
+        return (await asyncio.wrap_future(self._opening))[0]
 
     def _open_env(self, source: ContextSource) -> tuple[REPLEnv, dict]:
-        """A new REPL with the context loaded, and the context's description (in a pool thread)."""
-        env = REPLEnv(
-            bridge=self._bridge, tracer=self.tree.tracer, run_id=self.run_id, depth=self.depth,
-            parent_id=self.parent_id,
-            sandbox=self.settings.sandbox, exec_timeout=self.settings.exec_timeout,
-            max_output_length=self.settings.max_output_length, limits=self.settings.sandbox_limits,
-        )
+        """A new REPL with the context loaded, and the context's description (in a pool thread);
+        a session's own REPL with this context added."""
+        if self.kept is not None:
+            return self.kept.open(self, source)
+        env = self.new_env()
         try:
             return env, env.load_context(source)
         except BaseException:
             env.close()
             raise
+
+    def new_env(self, bridge: Callable[[str, list], list] | None = None) -> REPLEnv:
+        """A new REPL for this run (`bridge`: another way to reach the run, for a session's)."""
+        return REPLEnv(
+            bridge=bridge or self._bridge, tracer=self.tree.tracer, run_id=self.run_id, depth=self.depth,
+            parent_id=self.parent_id,
+            sandbox=self.settings.sandbox, exec_timeout=self.settings.exec_timeout,
+            max_output_length=self.settings.max_output_length, limits=self.settings.sandbox_limits,
+            tools=tool_specs(self.tools),
+        )
 
     @staticmethod
     def _described(source: ContextSource) -> dict | None:
@@ -284,6 +345,8 @@ class Run:
             env.turn = turn
             parsed = parse_reply(reply.text)
             outcome = await self._act(parsed, reply, env)
+            if outcome.answer is not None and self.depth == 0 and self.tree.schema is not None:
+                self._check_typed(outcome)
             if outcome.answer is not None:
                 self.tree.tracer.emit(Final(
                     run_id=self.run_id, parent_id=self.parent_id, depth=self.depth, turn=turn,
@@ -301,6 +364,14 @@ class Run:
             conversation.add_observation(prompts.turn_user_message(query, observations))
         self.reason = f"no final answer within {self.settings.max_iterations} turns"
         return None
+
+    def _check_typed(self, outcome: "_Turn") -> None:
+        """Keep a final answer that matches the schema (its value in `value`); else drop it and
+        tell the model why, for another turn."""
+        self.value, problem = self.tree.schema.check(outcome.answer)
+        if problem is not None:
+            outcome.answer = None
+            outcome.feedback.append(prompts.schema_refusal(problem))
 
     async def _ask(self, conversation: Conversation) -> Completion:
         try:
@@ -332,7 +403,7 @@ class Run:
         gets it once more, fitted again with the sizes it stated (recorded as `overflow`)."""
         window = self._learned_window or await self._window()
         cap, url = self.settings.reply_tokens, self.client.base_url
-        fit = await conversation.fit(window, cap, url=url)
+        fit = await conversation.fit(window, cap, url=url, compact_at=self.settings.compact_at)
         try:
             sent = conversation.unsent(), conversation.unchanged_prefix()
             return await self._send(conversation), fit, sent, None
@@ -341,7 +412,7 @@ class Run:
                         "request_tokens": refusal.request_tokens}
             window = conversation.learn(refusal, window)
             self._learned_window = refusal.window or self._learned_window
-            again = await conversation.fit(window, cap, url=url)
+            again = await conversation.fit(window, cap, url=url, compact_at=self.settings.compact_at)
             fit = Fit(again.window, again.request_tokens, fit.removed_turns + again.removed_turns,
                       fit.shortened + again.shortened)
         try:
@@ -449,31 +520,58 @@ class Run:
                 unwound.cancel()  # closing the sandbox stops it
 
     async def _serve(self, kind: str, items: list) -> list[str]:
+        if kind == "tool":  # not a model call: no sub-call budget, allowed at any depth
+            return [await self._tool_call(items[0])]
         if not self.can_sub_call:
             raise SubCallFailed("sub-calls are off in this run (max_depth reached): work with code alone")
         self.tree.check_budget(new_sub_calls=len(items))
         if kind in ("llm_query", "llm_query_batched"):
             size = len(items) if kind == "llm_query_batched" else None
+            chosen = [self._chosen_model(item) for item in items]
             calls = [
-                lambda p=prompt, i=index: self._sub_call(p, i, kind, size=size) for index, prompt in enumerate(items)
+                lambda p=prompt, c=client, i=index: self._sub_call(p, i, kind, size=size, client=c)
+                for index, (prompt, client) in enumerate(chosen)
             ]
         else:
             calls = [lambda q=item, i=index: self._child(q, i) for index, item in enumerate(items)]
-        if len(calls) == 1:
+        if not kind.endswith("_batched"):
             return [await calls[0]()]
         return await _gather_batch([call() for call in calls])
 
+    def _chosen_model(self, item: str | dict) -> tuple[str, LLMClient]:
+        """An llm_query prompt and the sub-model to ask: the default, or the one `model=` named
+        (a prompt object checked by protocol.py) if the user allowed it."""
+        default = self.settings.sub_client
+        if isinstance(item, str):
+            return item, default
+        name = item["model"]
+        client = default if name == default.model else self.settings.sub_models.get(name)
+        if client is None:
+            allowed = ", ".join(repr(model) for model in [default.model, *self.settings.sub_models])
+            raise SubCallFailed(
+                f"llm_query: model {name[:100]!r} is not one of the sub-models allowed in this run ({allowed}); "
+                "pick one of those, or leave model= out for the default (the user allows more with sub_models=)"
+            )
+        return item["prompt"], client
+
     async def _sub_call(
-        self, prompt: str, index: int | None, kind: str, note: str | None = None, size: int | None = None
+        self, prompt: str, index: int | None, kind: str, note: str | None = None, size: int | None = None,
+        client: LLMClient | None = None,
     ) -> str:
-        client = self.tree.settings.sub_client
+        client = client or self.tree.settings.sub_client
         prompt = clean_text(prompt)
+        too_big = await self._unfit_sub_prompt(client, prompt)
+        if too_big is not None:
+            self._trace_sub(kind, prompt, "", None, 0.0, index, too_big, note, size=size, model=client.model)
+            raise SubCallFailed(too_big)
         key = (client.model, prompt)
         cache = self.tree.cache
         if cache is not None and key in cache:
             reply = await asyncio.shield(cache[key])
             self.tree.record("sub", self.depth + 1, client.model, client.base_url, Usage(), hit=True)
-            self._trace_sub(kind, prompt, reply, None, 0.0, index, None, note, cache_hit=True, size=size)
+            self._trace_sub(
+                kind, prompt, reply, None, 0.0, index, None, note, cache_hit=True, size=size, model=client.model
+            )
             return reply
         pending: asyncio.Future = asyncio.get_running_loop().create_future()
         if cache is not None:
@@ -489,6 +587,26 @@ class Run:
         pending.set_result(reply)
         return reply
 
+    async def _unfit_sub_prompt(self, client: LLMClient, prompt: str) -> str | None:
+        """Why `prompt` cannot fit the sub-model's window (`sub_context_window=`, else the
+        server's figure), or None when it may: such a prompt fails before any request."""
+        window, windows = self.settings.sub_context_window, self.tree.sub_windows
+        if window is None:
+            if len(prompt) <= _SURE_CHARS_PER_TOKEN * _SMALLEST_WINDOW:
+                return None  # fits any window: the server is not asked
+            if client.model not in windows:
+                windows[client.model] = await self.tree.blocking(client.context_window) or 0
+            window = windows[client.model]
+        tokens = int(len(prompt) / _SURE_CHARS_PER_TOKEN)
+        if not window or tokens <= window:
+            return None
+        pieces = -(-tokens // max(1, window // 2))  # pieces of half a window leave room for the reply
+        return (
+            f"the prompt is too long for the sub-model {client.model!r}: at least {tokens:,} tokens "
+            f"({len(prompt):,} characters) against its window of {window:,} tokens; split it into "
+            f"{pieces} or more pieces and call llm_query_batched on them"
+        )
+
     async def _fresh_sub_call(
         self, client: LLMClient, prompt: str, index: int | None, kind: str, note: str | None, size: int | None
     ) -> str:
@@ -496,7 +614,10 @@ class Run:
         try:
             completion = await self.tree.model_call(client, [{"role": "user", "content": prompt}], sub_call=True)
         except ClientError as exc:
-            self._trace_sub(kind, prompt, "", None, time.perf_counter() - started, index, str(exc), note, size=size)
+            self._trace_sub(
+                kind, prompt, "", None, time.perf_counter() - started, index, str(exc), note, size=size,
+                model=client.model,
+            )
             failure = _call_failure(exc)
             if failure is None:
                 raise
@@ -504,7 +625,8 @@ class Run:
         cost = self.tree.record("sub", self.depth + 1, client.model, client.base_url, completion.usage)
         missing = _missing_text(completion)
         self._trace_sub(
-            kind, prompt, completion.text, completion, completion.latency, index, missing, note, cost=cost, size=size
+            kind, prompt, completion.text, completion, completion.latency, index, missing, note, cost=cost, size=size,
+            model=client.model,
         )
         if missing is not None:
             raise SubCallFailed(missing)
@@ -530,14 +652,37 @@ class Run:
             raise SubCallFailed(f"rlm_query: the child run ended without an answer: {child.reason}")
         return answer
 
+    async def _tool_call(self, call: dict) -> str:
+        """One host tool call from a cell (protocol.decode_tool_call), traced as a tool_call event."""
+        self.tree.check_budget()  # max_time and the others, as before any work of the tree
+        tool = self.tools.get(call["name"])
+        started = time.perf_counter()
+        result = error = None
+        try:
+            if tool is None:
+                raise SubCallFailed(f"there is no tool named {call['name'][:80]!r} in this run")
+            result = await call_tool(
+                tool, call, timeout=tool.timeout or self.settings.exec_timeout, executor=self.tree.executor
+            )
+            return result
+        except SubCallFailed as exc:
+            error = str(exc)
+            raise
+        finally:
+            self.tree.tracer.emit(ToolCall(
+                run_id=self.run_id, parent_id=self.parent_id, depth=self.depth, turn=self.turn, cell=self.cell,
+                name=call["name"], arguments=json.dumps({"args": call["args"], "kwargs": call["kwargs"]}),
+                result=result, error=error, latency=time.perf_counter() - started,
+            ))
+
     def _trace_sub(
         self, kind: str, prompt: str, reply: str, completion: Completion | None, latency: float,
         index: int | None, error: str | None, note: str | None, *, cost: float | None = 0.0, cache_hit: bool = False,
-        size: int | None = None,
+        size: int | None = None, model: str | None = None,
     ) -> None:
         self.tree.tracer.emit(SubCall(
             run_id=self.run_id, parent_id=self.parent_id, depth=self.depth + 1, turn=self.turn,
-            model=self.tree.settings.sub_client.model, prompt=prompt, reply=reply,
+            model=model or self.tree.settings.sub_client.model, prompt=prompt, reply=reply,
             usage=dataclasses.asdict(completion.usage) if completion is not None else {},
             cost=cost if completion is not None or cache_hit else None, latency=latency, batch_index=index,
             error=error, kind=kind, note=note, cache_hit=cache_hit, cell=self.cell, batch_size=size,
@@ -559,12 +704,16 @@ def recorded_settings(settings: Settings) -> dict[str, Any]:
         "sub_call_chars": settings.sub_call_chars, "context_window": settings.context_window,
         "reply_tokens": settings.reply_tokens, "max_depth": settings.max_depth,
         "max_concurrency": settings.max_concurrency, "cache": settings.cache,
-        "limits": dataclasses.asdict(settings.limits),
+        "limits": dataclasses.asdict(settings.limits), "compact_at": settings.compact_at,
+        # host tools as the worker gets them (a replay serves their recorded results)
+        **({"tools": tool_specs(settings.tools), "sub_tools": tool_specs(settings.sub_tools)}
+           if settings.tools or settings.sub_tools else {}),
     }
 
 
 async def _gather_batch(coroutines: list[Awaitable[str]]) -> list[str]:
-    """Run a batch; replies in order. Failures the model should see are reported together.
+    """Run a batch; replies in order. A failure the model should see (`SubCallFailed`) is that
+    item's reply: `BATCH_ERROR_PREFIX` and the error.
 
     A failure of the run (endpoint down, budget reached) stops the batch: calls already in
     flight finish when it is a budget (their usage counts), and are cancelled otherwise.
@@ -590,12 +739,9 @@ async def _gather_batch(coroutines: list[Awaitable[str]]) -> list[str]:
         raise
     if fatal is not None:
         raise fatal
-    failures = [(index, task.exception()) for index, task in enumerate(tasks) if task.exception() is not None]
-    # (no task was cancelled here: cancelling only follows a fatal error, raised above)
-    if failures:
-        first_index, first_error = failures[0]
-        raise SubCallFailed(f"{len(failures)} of {len(tasks)} batched calls failed; item {first_index}: {first_error}")
-    return [task.result() for task in tasks]
+    # No task was cancelled here (cancelling only follows a fatal error, raised above). One
+    # item's failure is that item's reply, so the others' answers are not lost.
+    return [task.result() if task.exception() is None else f"{BATCH_ERROR_PREFIX}{task.exception()}" for task in tasks]
 
 
 def _call_failure(exc: ClientError) -> SubCallFailed | None:

@@ -63,6 +63,7 @@ class REPLEnv:
         exec_timeout: float = 120.0,
         max_output_length: int = 500_000,
         limits: SandboxLimits | None = None,
+        tools: list | None = None,
     ) -> None:
         self.tracer = tracer
         self.run_id = run_id
@@ -75,15 +76,17 @@ class REPLEnv:
         self._closed = False
         self._confinement_seen: dict | None = None
         limits = limits if limits is not None else SandboxLimits()
-        self.sandbox = create_sandbox(sandbox, bridge, limits) if isinstance(sandbox, str) else sandbox(bridge, limits)
+        if isinstance(sandbox, str):
+            self.sandbox = create_sandbox(sandbox, bridge, limits, tools=tools)
+        else:  # a factory of the caller's: asked for tools only when there are some
+            self.sandbox = sandbox(bridge, limits, tools=tools) if tools else sandbox(bridge, limits)
 
-    def load_context(self, context: Any) -> dict:
-        """Load the context (a user value, or a checked ContextSource) into the session.
-
-        Returns its type and lengths.
+    def load_context(self, context: Any, name: str = "context") -> dict:
+        """Load the context (a user value, or a checked ContextSource) into the session, as
+        `name` (see `Sandbox.load_context`). Returns its type and lengths.
         """
         source = context if isinstance(context, ContextSource) else context_source(context)
-        return self.sandbox.load_context(source)
+        return self.sandbox.load_context(source, name=name)
 
     def run(self, code: str) -> ExecResult:
         """Run one cell of model code and record it in the trace."""

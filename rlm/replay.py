@@ -19,6 +19,7 @@ For tests, `rlm.testing.replay_clients(path)` gives the two clients to pass to `
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections import defaultdict
@@ -26,8 +27,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from rlm.errors import BudgetExceeded, ClientError, ContextWindowExceeded, RLMError
+from rlm.sandbox import SubCallFailed
+from rlm.tools import Tool
 from rlm.trajectory import RunNode, Trajectory, load
 from rlm.usage import Usage
+from rlm.utils import prompts
 from rlm.utils.endpoint import status_error
 from rlm.utils.llm import Completion
 from rlm.utils.tracing import Event, RunEnd, RunStart
@@ -40,7 +44,7 @@ REPLAY_URL = "http://127.0.0.1/replay"  # a loopback URL: replayed calls cost no
 @dataclass(frozen=True)
 class Divergence:
     """Where a replay first left its recording. `kind` is one of: root_request, system_prompt,
-    extra_turn, unknown_run, sub_call, answer, status, turns, context."""
+    extra_turn, extra_compaction, unknown_run, sub_call, tool_call, answer, status, turns, context."""
 
     kind: str
     detail: str
@@ -77,8 +81,12 @@ class _Recording:
         for run in trajectory.walk():
             self.runs_by_question[_first_user(run)].append(run)
         self.sub_calls: dict[str, list[dict]] = defaultdict(list)
+        self.tool_calls: dict[tuple[str, str], list[dict]] = defaultdict(list)  # by (name, arguments)
+        self.summaries = [event for event in trajectory.events if event["type"] == "compaction"]  # in order
         later_calls = {e["run_id"]: i for i, e in enumerate(trajectory.events) if e["type"] == "llm_call"}
         for position, event in enumerate(trajectory.events):
+            if event["type"] == "tool_call":
+                self.tool_calls[(event["name"], event["arguments"])].append(event)
             if event["type"] == "sub_call" and not event.get("cache_hit"):
                 went_on = later_calls.get(event["run_id"], -1) > position
                 self.sub_calls[event["prompt"]].append({**event, "_went_on": went_on})
@@ -89,6 +97,17 @@ class _Recording:
         start = self.top.start or {}
         basics = {"max_iterations": start.get("max_iterations"), "sandbox": start.get("sandbox")}
         return {**basics, **(start.get("settings") or {})}
+
+
+class _RecordedTool(Tool):
+    """A replay's stand-in for a host tool, shown with the signature the recorded run showed."""
+
+    def __init__(self, fn: Any, *, shown: str, **options: Any) -> None:
+        super().__init__(fn, **options)
+        object.__setattr__(self, "_shown", shown)
+
+    def signature(self) -> str:
+        return self._shown
 
 
 def _first_user(run: RunNode) -> str:
@@ -110,6 +129,7 @@ class ReplaySession:
         self._served_turns: set[tuple[str, int]] = set()
         self._refused: set[tuple[str, int]] = set()  # turns whose recorded first attempt was refused again
         self._sub_served: dict[str, int] = defaultdict(int)
+        self._tool_served: dict[tuple[str, str], int] = defaultdict(int)
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -118,9 +138,18 @@ class ReplaySession:
         with self._lock:
             if self.divergence is not None:
                 raise ReplayDiverged(self.divergence)
+            if messages and messages[0].get("content") == prompts.SUMMARY_PROMPT:
+                return self._summary()
             if messages and messages[0].get("role") == "system":
                 return self._root_turn(messages)
             return self._sub_call(str(messages[0].get("content") or "") if messages else "")
+
+    def _summary(self) -> Completion:
+        """The next recorded compaction's summary (rlm.compaction); an empty one if it failed."""
+        if not self.recording.summaries:
+            self._diverge(Divergence("extra_compaction", "the run summarised old turns; the recording did not"))
+        event = self.recording.summaries.pop(0)
+        return _completion({"reply": event.get("summary"), "usage": event.get("usage")})
 
     def _root_turn(self, messages: list[dict]) -> Completion:
         replies = [str(m.get("content") or "") for m in messages if m.get("role") == "assistant"]
@@ -197,6 +226,35 @@ class ReplaySession:
             raise ClientError(str(event["error"]), url=REPLAY_URL, status=status)
         # A sub-call that had no text was recorded as failed (above): an empty reply here was sent as "".
         return replace(_completion(event), content_missing=False)
+
+    def tool_call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """A host tool's recorded result for these arguments (the recorded failure raised as it
+        reached model code), in place of the tool itself."""
+        arguments = json.dumps({"args": list(args), "kwargs": kwargs})
+        with self._lock:
+            outcomes = self.recording.tool_calls.get((name, arguments))
+            if not outcomes:
+                self._diverge(Divergence("tool_call", f"a call of tool {name!r} with arguments that are not in the "
+                                         "recording", now=arguments))
+            served = self._tool_served[(name, arguments)]
+            self._tool_served[(name, arguments)] = served + 1
+        event = outcomes[min(served, len(outcomes) - 1)]
+        if event.get("error"):
+            raise SubCallFailed(str(event["error"]))
+        return json.loads(event["result"])
+
+    def tools(self, specs: list[dict]) -> dict[str, Tool]:
+        """Stand-ins for the recorded tools (`settings.tools` / `sub_tools`): values as they were,
+        functions answering from the recording, each shown to the model with its recorded signature."""
+        tools: dict[str, Tool] = {}
+        for spec in specs:
+            name = spec["name"]
+            if "value" in spec:
+                tools[name] = Tool(json.loads(spec["value"]), name=name, description=spec.get("doc") or "")
+            else:
+                tools[name] = _RecordedTool(lambda *a, _n=name, **k: self.tool_call(_n, *a, **k), name=name,
+                                            description=spec.get("doc") or "", shown=spec.get("signature") or name)
+        return tools
 
     def _diverge(self, divergence: Divergence) -> None:
         if self.divergence is None:
@@ -361,6 +419,9 @@ def replay_run(
     trajectory = path if isinstance(path, Trajectory) else load(path)
     session = ReplaySession(trajectory)
     options = _options(session.recording.settings, sandbox)
+    settings = session.recording.settings
+    if settings.get("tools") or settings.get("sub_tools"):
+        options.update(tools=session.tools(settings["tools"]), sub_tools=session.tools(settings["sub_tools"]))
     engine = RLM_REPL(client=session.root, sub_client=session.sub, log_dir=log_dir,
                       on_event=_both(session.observe, on_event), **options)
     answer = None
@@ -396,6 +457,7 @@ def _options(settings: dict[str, Any], sandbox: str | None) -> dict[str, Any]:
         "sub_call_chars": settings.get("sub_call_chars"), "context_window": settings.get("context_window"),
         "max_reply_tokens": settings.get("reply_tokens"), "max_depth": settings.get("max_depth"),
         "max_concurrency": settings.get("max_concurrency"), "cache": settings.get("cache"),
+        "compact": True if settings.get("compact_at") else None, "compact_at": settings.get("compact_at"),
         "sandbox": sandbox or (recorded_sandbox if recorded_sandbox not in (None, "custom") else None),
         **{name: limits.get(name) for name in ("max_cost", "max_tokens", "max_sub_calls", "max_time")},
     }

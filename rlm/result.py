@@ -61,12 +61,12 @@ class RLMResult:
     reason: str | None = None
 
 
-async def run_with(rlm: "RLM_REPL", context: Any, query: str) -> RLMResult:
+async def run_with(rlm: "RLM_REPL", context: Any, query: str, *, schema: Any = None) -> RLMResult:
     """Run `rlm` once and describe the outcome (what `RLM_REPL.arun` does)."""
     started = time.monotonic()
     answer, error = None, None
     try:
-        answer = await rlm.acompletion(context=context, query=query)
+        answer = await rlm.acompletion(context=context, query=query, schema=schema)
     except ConfigError:
         raise
     except (RLMError, OSError) as exc:  # OSError: a context file that cannot be read
@@ -89,17 +89,18 @@ async def run_with(rlm: "RLM_REPL", context: Any, query: str) -> RLMResult:
     )
 
 
-def run(context: Any, query: str, **options: Any) -> RLMResult:
-    """One run of `RLM_REPL(**options)` on `context` and `query`, as an `RLMResult`."""
+def run(context: Any, query: str, *, schema: Any = None, **options: Any) -> RLMResult:
+    """One run of `RLM_REPL(**options)` on `context` and `query`, as an `RLMResult` (`schema`:
+    a typed answer, as in `RLM_REPL.completion`)."""
     from rlm.rlm_repl import RLM_REPL
 
     with RLM_REPL(**options) as rlm:
-        return rlm.run(context=context, query=query)
+        return rlm.run(context=context, query=query, schema=schema)
 
 
-async def arun(context: Any, query: str, **options: Any) -> RLMResult:
+async def arun(context: Any, query: str, *, schema: Any = None, **options: Any) -> RLMResult:
     """The same as `run()`, awaitable."""
     from rlm.rlm_repl import RLM_REPL
 
     with RLM_REPL(**options) as rlm:
-        return await rlm.arun(context=context, query=query)
+        return await rlm.arun(context=context, query=query, schema=schema)

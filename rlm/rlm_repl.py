@@ -14,13 +14,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from rlm.engine import Limits, Run, Settings, Tree
+from rlm.compaction import DEFAULT_COMPACT_AT
+from rlm.engine import KeptREPL, Limits, Run, Settings, Tree
 from rlm.errors import BudgetExceeded, ConfigError
 from rlm.providers import resolve_client
 from rlm.repl import SandboxFactory, context_source
 from rlm.result import RLMResult, run_with
 from rlm.rlm import RLM
 from rlm.sandbox import AUTO, SandboxLimits, check_available, resolve_level
+from rlm.schema import answer_schema
+from rlm.tools import ToolsArg, resolve_tools
 from rlm.usage import UsageLedger
 from rlm.utils import prompts
 from rlm.utils.limits import ResponseLimits
@@ -64,6 +67,11 @@ class RLM_REPL(RLM):
         file_size_limit: largest file model code may write in its scratch directory (1 GiB).
         system_prompt: "default", "cautious", "small", or a full custom prompt text.
         context_window: root model's window in tokens, when the server does not report it.
+        sub_context_window: the sub-model's window in tokens, when the server does not report
+            it; a sub-call prompt that cannot fit it fails in model code before any request.
+        sub_models: other sub-models model code may choose with `llm_query(prompt, model=name)`
+            (and `llm_query_batched`): names in the forms of `model`, or clients (chosen by
+            their `.model`); any other name fails in model code.
         max_concurrency: most model calls in flight at once in the whole call tree.
         sub_call_chars: how much text the prompt tells the model one sub-call can take.
         max_depth: 1 (default): `llm_query` is a plain sub-model call and `rlm_query` answers
@@ -81,6 +89,16 @@ class RLM_REPL(RLM):
             or `sub_client=` keep their own (`limits=` when made).
         log_dir: write each run's trajectory as JSONL here (default `RLM_LOG_DIR`; none if unset).
         on_event: called with every trace event as it happens (live progress).
+        tools: host functions the model calls from the REPL as plain functions: a dict of
+            names to functions (a value that is not callable becomes a read-only variable), a
+            list of functions, or `rlm.Tool` objects. Arguments and results travel as JSON;
+            a tool runs on the host in the tree's pool (timeout: `exec_timeout`, or the Tool's).
+        sub_tools: the tools of child RLMs (`rlm_query` at `max_depth` >= 2); default the same
+            as `tools`, `{}` for none.
+        compact: when a root request passes `compact_at` of the root model's window (0.85),
+            the root model summarises the older turns, whose full text stays in the REPL as
+            `history` (see rlm.compaction); default False: old turns are dropped with a note
+            when the window is full.
 
     Attributes:
         sandbox_level: the level model code runs at ("bwrap", "strict", ...; "auto" resolved),
@@ -105,6 +123,8 @@ class RLM_REPL(RLM):
         file_size_limit: int | None = SandboxLimits.file_size,
         system_prompt: str = "default",
         context_window: int | None = None,
+        sub_context_window: int | None = None,
+        sub_models: list[str | LLMClient] | None = None,
         max_concurrency: int = 16,
         sub_call_chars: int = 500_000,
         max_depth: int = 1,
@@ -119,9 +139,14 @@ class RLM_REPL(RLM):
         response_limits: ResponseLimits | None = None,
         log_dir: str | None = None,
         on_event: Callable[[Event], None] | None = None,
+        tools: ToolsArg = None,
+        sub_tools: ToolsArg = None,
+        compact: bool = False,
+        compact_at: float = DEFAULT_COMPACT_AT,
     ) -> None:
         _check_arguments(locals())
         prompts.system_prompt(system_prompt)  # an unknown prompt name fails here, not mid-run
+        self.tools = resolve_tools(tools)  # a reserved name or a value that is not JSON fails here
         self.sandbox_limits = SandboxLimits(memory=memory_limit, cpu_time=cpu_time_limit, file_size=file_size_limit)
         # "auto" is resolved here (once per process); an unknown or unavailable level fails here, not mid-run.
         self.sandbox_level: str | None = resolve_level(sandbox) if isinstance(sandbox, str) else None
@@ -132,6 +157,8 @@ class RLM_REPL(RLM):
         self.client: LLMClient = client or resolve_client(model, **options)
         self.sub_client: LLMClient = sub_client or resolve_client(recursive_model, **options)
         self._owned_clients = [c for c, given in ((self.client, client), (self.sub_client, sub_client)) if given is None]
+        self.sub_models = _sub_models(sub_models or [], options)
+        self._owned_clients += [made for name, made in self.sub_models.items() if name in (sub_models or [])]
         self.max_iterations = max_iterations
         self.max_depth = max_depth
         self.limits = Limits(max_cost=max_cost, max_tokens=max_tokens, max_sub_calls=max_sub_calls, max_time=max_time)
@@ -141,14 +168,17 @@ class RLM_REPL(RLM):
             sandbox_asked=sandbox if sandbox == AUTO else None, prompt=system_prompt,
             sub_call_chars=sub_call_chars, context_window=context_window, reply_tokens=max_reply_tokens,
             max_depth=max_depth, max_concurrency=max_concurrency, cache=cache, limits=self.limits,
-            sandbox_limits=self.sandbox_limits,
+            sandbox_limits=self.sandbox_limits, sub_context_window=sub_context_window, sub_models=self.sub_models,
+            tools=self.tools, sub_tools=self.tools if sub_tools is None else resolve_tools(sub_tools, what="sub_tools"),
+            compact_at=compact_at if compact else None,
         )
+        self._session_repl: KeptREPL | None = None  # set by rlm.sessions.Session around each of its calls
         self.ledger = UsageLedger()
         self.tracer = Tracer(resolve_log_dir(log_dir), [on_event] if on_event else None, secrets=[api_key])
 
     # -- the public API --------------------------------------------------------------------
 
-    def completion(self, context: Any, query: str) -> str | None:
+    def completion(self, context: Any, query: str, *, schema: Any = None) -> Any:
         """Answer `query` about `context`; None if no final answer within `max_iterations` (or
         the model made no progress in three replies in a row: the run's `run_end` says which).
 
@@ -157,34 +187,40 @@ class RLM_REPL(RLM):
         `ContextError` for a context that cannot be loaded, `BudgetExceeded` at a limit.
         A thin wrapper over `acompletion()`; inside a running event loop (a notebook) it runs
         the loop in a helper thread.
-        """
-        return _run_sync(self.acompletion(context=context, query=query))
 
-    def run(self, context: Any, query: str) -> RLMResult:
+        `schema` (a pydantic model class, or a dict JSON schema: see `rlm.schema`) makes the
+        answer typed: a FINAL / FINAL_VAR that does not match it is refused and the model told
+        why, for another turn (within `max_iterations`); the result is then the validated
+        object (the pydantic instance, or the parsed JSON value) instead of text.
+        """
+        return _run_sync(self.acompletion(context=context, query=query, schema=schema))
+
+    def run(self, context: Any, query: str, *, schema: Any = None) -> RLMResult:
         """One run as an `RLMResult` (answer, status, usage, iterations, wall time, run id,
         trajectory path): a failure of the run is its status, not an exception; only a mistake
         in the call (`ConfigError`) raises."""
-        return _run_sync(self.arun(context=context, query=query))
+        return _run_sync(self.arun(context=context, query=query, schema=schema))
 
-    async def arun(self, context: Any, query: str) -> RLMResult:
+    async def arun(self, context: Any, query: str, *, schema: Any = None) -> RLMResult:
         """The same as `run()`, awaitable."""
-        return await run_with(self, context, query)
+        return await run_with(self, context, query, schema=schema)
 
-    async def acompletion(self, context: Any, query: str) -> str | None:
+    async def acompletion(self, context: Any, query: str, *, schema: Any = None) -> Any:
         """The same as `completion()`, awaitable: sub-calls and child runs are concurrent tasks."""
         if not isinstance(query, str) or not query.strip():
             raise ConfigError("query must be a non-empty string")
+        typed = answer_schema(schema)  # a bad schema fails here, before any request
         run_id = new_run_id()
         self.tracer.start(run_id)
-        tree = Tree(self._settings, self.ledger, self.tracer)
-        run = Run(tree, depth=0, parent_id=None, client=self.client, run_id=run_id)
+        tree = Tree(self._settings, self.ledger, self.tracer, schema=typed)
+        run = Run(tree, depth=0, parent_id=None, client=self.client, run_id=run_id, repl=self._session_repl)
         status, answer, reason = "error", None, None
         try:
             source = context_source(context)  # a bad context fails before any request
             await tree.blocking(_resolve_models, self.client, self.sub_client)  # the endpoint fails before loading
             answer = await self._within_time(run.answer(query, source))
             status, reason = ("answered", None) if answer is not None else (run.status, run.reason)
-            return answer
+            return run.value if typed is not None and answer is not None else answer
         except BudgetExceeded as exc:
             status, reason = "budget_exceeded", str(exc)
             exc.partial_answer = tree.last_root_reply
@@ -202,7 +238,8 @@ class RLM_REPL(RLM):
                 reason=reason,
             ))
             close_failure = await tree.close()
-            for used in {id(self.client): self.client, id(self.sub_client): self.sub_client}.values():
+            clients = [self.client, self.sub_client, *self.sub_models.values()]
+            for used in {id(each): each for each in clients}.values():
                 await used.aclose()  # async connections belong to this event loop: release them here
             if close_failure is not None and status in ("answered", "max_iterations", "no_progress"):
                 raise close_failure  # a REPL that could not be closed; never in place of the run's own error
@@ -265,6 +302,23 @@ def _run_sync(work: Any) -> Any:
         return pool.submit(asyncio.run, work).result()
 
 
+def _sub_models(given: list, options: dict[str, Any]) -> dict[str, LLMClient]:
+    """The sub-models `llm_query(model=...)` may choose, by the name model code gives."""
+    if not isinstance(given, (list, tuple)):
+        raise ConfigError(f"sub_models must be a list of model names or clients, got {given!r}")
+    chosen: dict[str, LLMClient] = {}
+    for entry in given:
+        if isinstance(entry, str) and entry.strip() and entry != "auto":
+            chosen[entry] = resolve_client(entry, **options)
+        elif isinstance(entry, LLMClient):
+            chosen[entry.model] = entry
+        else:
+            raise ConfigError(
+                f"sub_models: {entry!r} is neither a model name (as for model=, but not 'auto') nor a client"
+            )
+    return chosen
+
+
 def _resolve_models(*clients: LLMClient) -> None:
     for client in clients:
         client.model  # "auto" asks the endpoint now: an unreachable one fails before the REPL starts
@@ -274,8 +328,12 @@ def _check_arguments(args: dict[str, Any]) -> None:
     """Refuse bad constructor arguments with a message that says what is expected."""
     _require(args, float, "exec_timeout", "request_timeout")
     _require(args, int, "max_iterations", "max_output_length", "max_concurrency", "sub_call_chars")
-    _require(args, int, "context_window", "max_reply_tokens", "max_tokens", "max_sub_calls", optional=True)
+    _require(args, int, "context_window", "sub_context_window", "max_reply_tokens", "max_tokens", "max_sub_calls",
+             optional=True)
     _require(args, float, "max_cost", "max_time", optional=True)
+    compact_at = args["compact_at"]
+    if isinstance(compact_at, bool) or not isinstance(compact_at, (int, float)) or not 0 < compact_at <= 1:
+        raise ConfigError(f"compact_at must be a share of the window between 0 and 1, such as 0.85; got {compact_at!r}")
     depth = args["max_depth"]
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
         raise ConfigError(f"max_depth must be 0 (no sub-calls), 1 (plain sub-calls) or more, got {depth!r}")

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 SUPPORTED_VERSION = SCHEMA_VERSION  # the newest major version this reader understands
-KNOWN_TYPES = {"run_start", "llm_call", "sub_call", "exec", "final", "error", "run_end"}
+KNOWN_TYPES = {"run_start", "llm_call", "sub_call", "tool_call", "compaction", "exec", "final", "error", "run_end"}
 
 
 class TrajectoryError(ConfigError):
@@ -247,11 +247,13 @@ def _place(run: RunNode, event: dict, runs: dict[str, RunNode]) -> None:
         run.turn(int(event["turn"])).call = event
     elif kind == "exec":
         run.cell(int(event["turn"]), int(event["index"])).exec = event
-    elif kind == "sub_call":
+    elif kind in ("sub_call", "tool_call"):  # a host tool's call is shown among its cell's sub-calls
         if event.get("cell"):
             run.cell(int(event["turn"]), int(event["cell"])).sub_calls.append(event)
         else:
             run.turn(int(event["turn"])).sub_calls.append(event)
+    elif kind == "compaction":  # the summary of old turns, shown with the turn whose request it shortened
+        run.turn(int(event["turn"])).sub_calls.append(event)
     elif kind == "final":
         run.final = event
         run.turn(int(event["turn"])).final = event
@@ -284,7 +286,7 @@ def _totals(events: list[dict]) -> dict[str, Any]:
         elif kind == "exec":
             totals["cells"] += 1
             totals["cell_seconds"] += float(event.get("duration") or 0)
-        elif kind in ("llm_call", "sub_call"):
+        elif kind in ("llm_call", "sub_call", "compaction"):  # a compaction is a call of the root model
             _add_call(totals, event)
     duration = [e.get("duration") for e in events if e.get("type") == "run_end" and not e.get("parent_id")]
     stamps = [float(e["ts"]) for e in events if isinstance(e.get("ts"), (int, float))]

@@ -129,3 +129,23 @@ def descendants(pid: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+
+def run_readme_example(title: str, cwd: Any) -> tuple[str, str]:
+    """Run the first Python example of the README section `title` (warnings as errors, no RLM_
+    variables); its stdout, and the output its `# ` comment lines say it prints."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index(f"\n{title}\n"):]
+    code = re.search(r"```python\n(.*?)\n```", section, re.DOTALL).group(1)
+    expected = "".join(line[2:] + "\n" for line in code.splitlines() if line.startswith("# "))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RLM_")}
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, cwd=cwd,
+                          timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout, expected

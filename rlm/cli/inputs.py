@@ -9,13 +9,14 @@ offset, as the model would otherwise read replacement characters without knowing
 from __future__ import annotations
 
 import codecs
+import json
 import sys
 from pathlib import Path
 
 from rlm.cli.exits import BadInput
 from rlm.cli.output import say
 
-__all__ = ["read_context", "check_text_file"]
+__all__ = ["read_context", "read_schema", "check_text_file"]
 
 _PIECE = 16 * 1024 * 1024  # bytes read at a time: memory stays flat for a file of any size
 _CONVERT = "convert it first (for example iconv -f LATIN1 -t UTF-8 FILE > FILE.txt), or extract its text"
@@ -39,6 +40,19 @@ def read_context(option: str, *, quiet: bool) -> str | Path:
     if not text.strip():
         raise BadInput("the context read from stdin is empty; pipe it in, e.g. rlm ask QUERY --context - < file.txt")
     return text
+
+
+def read_schema(path: Path) -> dict:
+    """The JSON schema of `--schema FILE` (checked against what the validator supports when the run starts)."""
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BadInput(f"cannot read the schema file {path}: {exc.strerror}; check the path") from None
+    except ValueError as exc:
+        raise BadInput(f"the schema file {path} is not JSON ({exc}); give a JSON schema object") from None
+    if not isinstance(schema, dict):
+        raise BadInput(f"the schema file {path} holds a {type(schema).__name__}, not a JSON schema object")
+    return schema
 
 
 def check_text_file(path: Path) -> None:

@@ -14,9 +14,9 @@ from typing import Annotated, Any
 import typer
 
 from rlm import __version__
-from rlm.cli import batch, bench, endpoints, local, view
+from rlm.cli import batch, bench, endpoints, local, sessions, view
 from rlm.cli.exits import ExitCode, Failure, failure_for, no_answer
-from rlm.cli.inputs import read_context
+from rlm.cli.inputs import read_context, read_schema
 from rlm.cli.local import LOCAL, local_endpoint
 from rlm.cli.output import (
     SANDBOX_HELP,
@@ -114,17 +114,31 @@ def ask(
         float | None, typer.Option(min=0, metavar="SECONDS", help="Stop after this many seconds.")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, status, usage.")] = False,
+    schema_file: Annotated[
+        Path | None, typer.Option("--schema", metavar="FILE", help="A JSON schema the answer must match; the "
+                                  "answer is printed as JSON.")
+    ] = None,
+    tools_ref: Annotated[
+        str | None, typer.Option("--tools", metavar="MODULE:ATTR", help="Host functions the model may call from the "
+                                 "REPL: a dict or list of functions in a module importable from here.")
+    ] = None,
+    session_name: Annotated[
+        str | None, typer.Option("--session", metavar="NAME", help="Continue the session NAME (kept under the runs "
+                                 "directory): earlier contexts, questions, answers and REPL variables.")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No status line on stderr.")] = False,
 ) -> None:
     """Answer QUERY about a context too large for the model's window; the answer alone goes to stdout."""
     progress = Progress.for_stderr(max_iterations, quiet=quiet)
-    answer: str | None = None
+    answer: Any = None
     failure: Failure | None = None
     engine = None
     if model == LOCAL and max_reply_tokens is None:
         max_reply_tokens = LOCAL_REPLY_TOKENS  # what the local server caps replies at: the room fitting keeps
     try:
         source = read_context(context, quiet=quiet)
+        schema = read_schema(schema_file) if schema_file is not None else None
+        tools = _load_tools(tools_ref) if tools_ref is not None else None
         from rlm.rlm_repl import RLM_REPL
 
         with local_endpoint(model, sub_model, api_url, quiet=quiet) as (model, sub_model, url):
@@ -136,10 +150,17 @@ def ask(
                     max_depth=max_depth, max_cost=max_cost, max_tokens=max_tokens, max_sub_calls=max_sub_calls,
                     max_time=max_time, exec_timeout=exec_timeout, max_reply_tokens=max_reply_tokens,
                     context_window=context_window, memory_limit=parse_size(memory_limit), cpu_time_limit=cpu_time_limit,
+                    tools=tools,
                 )
             warn_if_unisolated(sandbox)
             with progress:
-                answer = engine.completion(context=source, query=query)
+                if session_name is None:
+                    answer = engine.completion(context=source, query=query, schema=schema)
+                else:
+                    answer = sessions.answer_in_session(
+                        engine, sessions.session_dir(log_dir, session_name), source, query, say,
+                        schema=schema,
+                    )
     except (Exception, KeyboardInterrupt) as exc:  # every failure becomes one line and an exit code
         failure = failure_for(exc, api_url=api_url)
     trajectory = engine.tracer.path if engine is not None else None
@@ -153,12 +174,24 @@ def ask(
         level = engine.sandbox_level if engine is not None else None
         typer.echo(json_text({**_report(answer, failure, progress, trajectory), "sandbox": level}))
     elif answer is not None:
-        echo(answer)
+        echo(json_text(answer) if schema_file is not None else answer)
     if trajectory is not None and not quiet:
         say(f"trajectory: {trajectory}")
     if failure is not None:
         say(failure.message)
         raise typer.Exit(int(failure.code))
+
+
+def _load_tools(reference: str) -> dict:
+    """`--tools module:attr`, the module looked up from the current directory first (as `python -m` would)."""
+    import os
+    import sys
+
+    from rlm.tools import load_tools
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return load_tools(reference)
 
 
 @app.command()
@@ -207,7 +240,7 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _report(answer: str | None, failure: Failure | None, progress: Progress, trajectory: Path | None) -> dict[str, Any]:
+def _report(answer: Any, failure: Failure | None, progress: Progress, trajectory: Path | None) -> dict[str, Any]:
     end = progress.end
     if answer is not None:
         status = "answered"

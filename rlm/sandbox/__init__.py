@@ -82,16 +82,20 @@ def resolve_level(name: str) -> str:
     return auto_choice().level
 
 
-def create_sandbox(name: str, bridge: LLMBridge, limits: SandboxLimits | None = None) -> Sandbox:
+def create_sandbox(
+    name: str, bridge: LLMBridge, limits: SandboxLimits | None = None, *, tools: list | None = None
+) -> Sandbox:
     """Start the sandbox registered under `name` (or chosen by "auto"), answering `llm_query`
     calls with `bridge`.
 
-    `limits` default to `SandboxLimits()`. Raises ConfigError for an unknown name and
+    `limits` default to `SandboxLimits()`; `tools`: the specs of the host tools the REPL
+    offers (`rlm.tools.tool_specs`). Raises ConfigError for an unknown name and
     SandboxUnavailable when this machine cannot provide the level.
     """
     from rlm.sandbox.base import SandboxLimits
 
-    return sandbox_class(name)(bridge, limits if limits is not None else SandboxLimits())
+    limits = limits if limits is not None else SandboxLimits()
+    return sandbox_class(name)(bridge, limits, tools=tools) if tools else sandbox_class(name)(bridge, limits)
 
 
 def sandbox_class(name: str) -> type[Sandbox]:

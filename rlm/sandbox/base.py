@@ -212,8 +212,12 @@ class Sandbox(abc.ABC):
         """Raise ConfigError if this level cannot enforce `limits` (every worker level can)."""
 
     @abc.abstractmethod
-    def load_context(self, source: ContextSource) -> dict:
-        """Load `context` into the session; return its description (type, lengths)."""
+    def load_context(self, source: ContextSource, *, name: str = "context") -> dict:
+        """Load `context` into the session; return its description (type, lengths).
+
+        `name`: "context_0" loads the context under that name too; "context_1"... and "history"
+        load a multi-turn session's further values (rlm.session), put back before every cell.
+        """
 
     @abc.abstractmethod
     def run(self, code: str, *, timeout: float, max_output: int) -> ExecResult:

@@ -74,9 +74,9 @@ class BwrapSandbox(SubprocessSandbox):
         bwrap_path()
         seccomp.require()
 
-    def __init__(self, bridge: LLMBridge, limits: SandboxLimits | None = None) -> None:
+    def __init__(self, bridge: LLMBridge, limits: SandboxLimits | None = None, *, tools: list | None = None) -> None:
         self._started_once = False
-        super().__init__(bridge, limits)
+        super().__init__(bridge, limits, tools=tools)
 
     @property
     def confinement(self) -> dict | None:

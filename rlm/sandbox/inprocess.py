@@ -29,6 +29,7 @@ from rlm.sandbox.base import (
     child_queries,
     result_from_session,
 )
+from rlm.sandbox.protocol import decode_tool_call
 from rlm.sandbox.worker import LLMQueryError, Session
 
 __all__ = ["InProcessSandbox"]
@@ -52,10 +53,10 @@ class InProcessSandbox(Sandbox):
     name = "inprocess"
     isolated = False
 
-    def __init__(self, bridge: LLMBridge, limits: SandboxLimits | None = None) -> None:
+    def __init__(self, bridge: LLMBridge, limits: SandboxLimits | None = None, *, tools: list | None = None) -> None:
         self.check_limits(limits if limits is not None else SandboxLimits())
         self._bridge = bridge
-        self._session: Session | None = Session(self._call_bridge, process_wide=False)
+        self._session: Session | None = Session(self._call_bridge, process_wide=False, tools=tools)
         self._host_failure: Exception | None = None
         self._cell_thread: int | None = None
         self._idle = threading.Event()
@@ -73,7 +74,10 @@ class InProcessSandbox(Sandbox):
             )
 
     def _call_bridge(self, kind: str, prompts: list) -> list[str]:
-        items = child_queries(prompts, []) if kind.startswith("rlm_") else prompts
+        if kind == "tool":  # decoded as the host decodes a worker's call (protocol.py)
+            items = [decode_tool_call(prompt) for prompt in prompts]
+        else:
+            items = child_queries(prompts, []) if kind.startswith("rlm_") else prompts
         try:
             return self._bridge(kind, items)
         except SubCallFailed as exc:
@@ -84,20 +88,20 @@ class InProcessSandbox(Sandbox):
             self._host_failure = exc
             raise _HostFailure() from None
 
-    def load_context(self, source: ContextSource) -> dict:
+    def load_context(self, source: ContextSource, *, name: str = "context") -> dict:
         session = self._require()
         if source.path is not None:
-            return session.load_context_fd(os.open(source.path, os.O_RDONLY), source.fmt)
+            return session.load_context_fd(os.open(source.path, os.O_RDONLY), source.fmt, name=name)
         if source.handle is not None:
-            return session.load_context_fd(os.dup(source.handle), source.fmt)
+            return session.load_context_fd(os.dup(source.handle), source.fmt, name=name)
         if source.json_text is not None:
             try:
                 value = json.loads(source.json_text)
             except (ValueError, RecursionError) as exc:
                 raise ContextError(f"the context is not JSON that can be loaded: {exc}") from None
-            return session.set_context(value)
+            return session.set_context(value, name=name)
         raw = source.value.encode("utf-8", "surrogatepass") if isinstance(source.value, str) else None
-        return session.set_context(source.value, raw)
+        return session.set_context(source.value, raw, name=name)
 
     def run(self, code: str, *, timeout: float, max_output: int) -> ExecResult:
         session = self._require()

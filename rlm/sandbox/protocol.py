@@ -7,7 +7,8 @@ so nothing it sends may be able to run code in the host when decoded.
 Host -> worker ops: "setup" (limits and confinement, once, first), "load_context", "exec",
 "get_var", "shutdown", "llm_result".
 Worker -> host ops: "hello" (its pid as it sees it), "ready" (confined, serving), "context",
-"result", "var", "error", "llm_query" (sent while a cell runs).
+"result", "var", "error", "llm_query" (sent while a cell runs; its "kind" "tool" is a call of a
+host tool: one prompt, the JSON text of the call, decoded and checked here by decode_tool_call).
 
 Start-up: the worker sends "hello"; the host answers "setup"; the worker applies it and says
 "ready". Every later request ("exec", "load_context", "get_var") carries an "id"; the reply,
@@ -53,8 +54,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CUT_ROOM", "FrameReader", "HOST_FRAMES", "HOST_FRAME_CAP", "MAX_ANSWER_CHARS", "MAX_BATCH", "MAX_CONTEXT_FILE",
-    "MAX_ERROR_CHARS", "MAX_JSON_ITEMS", "MAX_NAMES", "ProtocolError", "ProtocolViolation", "RESULT_FRAME_CAP",
-    "SUB_CALL_KINDS", "WORKER_FRAMES", "WORKER_FRAME_CAP", "encode_frame", "fit_frame", "result_frames",
+    "MAX_ERROR_CHARS", "MAX_JSON_ITEMS", "MAX_MODEL_NAME", "MAX_NAMES", "MAX_TOOL_CHARS", "ProtocolError",
+    "ProtocolViolation", "RESULT_FRAME_CAP",
+    "SUB_CALL_KINDS", "WORKER_FRAMES", "WORKER_FRAME_CAP", "decode_tool_call", "encode_frame", "fit_frame",
+    "result_frames",
     "write_bytes", "write_frame",
 ]
 
@@ -73,8 +76,13 @@ MAX_BATCH = 10_000  # prompts (or rlm_query items) in one llm_query frame
 MAX_NAMES = 1_000  # variable names listed when a variable is not found
 MAX_CONTEXT_FILE = 2 << 30  # bytes of a context file passed with an rlm_query
 CUT_ROOM = 200  # characters a cut's marker adds (rlm._text.omission_marker)
+# A tool call's arguments, its result, a tool's value: ASCII JSON text (non-ASCII escaped), so
+# characters are bytes and a frame carrying one, escaped again, stays within 2 MB.
+MAX_TOOL_CHARS = 1_000_000
 
-SUB_CALL_KINDS = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched")
+# "tool": one call of a host tool (rlm/tools.py); its one prompt is the JSON text of
+# {"name", "args", "kwargs"}, checked by decode_tool_call; its one answer is the result's JSON text.
+SUB_CALL_KINDS = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "tool")
 
 
 class ProtocolError(Exception):
@@ -104,6 +112,8 @@ _ID = Field((int,))
 _TEXT = Field((str,))
 _BOOL = Field((bool,))
 _COUNT = Field((int,))
+MAX_MODEL_NAME = 200  # characters of the sub-model name an llm_query may choose (`model=`)
+_MODEL_PROMPT = {"prompt": _TEXT, "model": Field((str,), cap=MAX_MODEL_NAME)}  # llm_query(prompt, model=...)
 _ITEM = {  # one rlm_query: the question and its context (text, JSON text, or a file)
     "query": _TEXT,
     "context": Field((str, _NONE)),
@@ -134,7 +144,8 @@ WORKER_FRAMES: dict[str, dict[str, Field]] = {
     "error": {"id": _ID, "error": _TEXT},
     "llm_query": {
         "id": _ID, "kind": Field((str,), choices=SUB_CALL_KINDS),
-        # prompts (str) for the llm kinds, _ITEM objects for the rlm kinds: see _check_sub_call
+        # prompts (str, or _MODEL_PROMPT objects) for the llm kinds, _ITEM objects for the rlm
+        # kinds: see _check_sub_call
         "prompts": Field((list,), cap=MAX_BATCH),
     },
 }
@@ -147,6 +158,7 @@ HOST_FRAMES: dict[str, dict[str, Field] | None] = {
     "load_context": {
         "id": _ID, "value": Field((_NONE,), required=False), "text": Field((str,), required=False),
         "json": Field((str,), required=False), "format": Field((str,), required=False),
+        "name": Field((str,), cap=40, required=False),  # "context" (default), "context_0", "context_1"..., "history"
     },
     "get_var": {"id": _ID, "name": _TEXT},
     "llm_result": {  # one part of the answers to an llm_query ("more": another part follows), or its error
@@ -198,7 +210,18 @@ def _check_sub_call(message: dict) -> None:
     if not prompts or (not kind.endswith("_batched") and len(prompts) != 1):
         raise ProtocolViolation(f"an {kind!r} request with {len(prompts)} prompts")
     if kind.startswith("llm_"):
-        _check_value(prompts, Field((list,), items=(str,)), f"the prompts of an {kind!r} request")
+        _check_value(prompts, Field((list,), items=(str, dict)), f"the prompts of an {kind!r} request")
+        for item in prompts:
+            if type(item) is dict and item.keys() != _MODEL_PROMPT.keys():
+                raise ProtocolViolation(
+                    f"the prompts of an {kind!r} request holds a dict that is not {{prompt, model}}"
+                )
+            if type(item) is dict:
+                for name, field in _MODEL_PROMPT.items():
+                    _check_value(item[name], field, f"field {name!r} of an {kind!r} prompt")
+        return
+    if kind == "tool":
+        message["prompts"] = [decode_tool_call(prompts[0])]
         return
     for item in prompts:
         if type(item) is not dict or item.keys() != _ITEM.keys():
@@ -207,6 +230,22 @@ def _check_sub_call(message: dict) -> None:
             _check_value(item[name], field, f"field {name!r} of an {kind!r} item")
         if item["file"] and item["context"] is not None:
             raise ProtocolViolation(f"an {kind!r} item with both a context file and a context text")
+
+
+def decode_tool_call(text: object) -> dict:
+    """A tool call's JSON text as {"name": str, "args": list, "kwargs": dict}; ProtocolViolation
+    if it is not that, or over MAX_TOOL_CHARS, or holds more than MAX_JSON_ITEMS values."""
+    if type(text) is not str or len(text) > MAX_TOOL_CHARS:
+        raise ProtocolViolation(f"a tool call that is not JSON text of at most {MAX_TOOL_CHARS:,} characters")
+    _check_items(bytearray(text.encode("utf-8", "replace")), MAX_JSON_ITEMS)
+    try:
+        call = _DECODER.decode(text)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolViolation(f"a tool call that is not valid JSON ({str(exc)[:100]})") from None
+    if (type(call) is not dict or call.keys() != {"name", "args", "kwargs"} or type(call["name"]) is not str
+            or type(call["args"]) is not list or type(call["kwargs"]) is not dict):
+        raise ProtocolViolation("a tool call that is not an object with the fields name, args, kwargs")
+    return call
 
 
 # -- frames -----------------------------------------------------------------------------------

@@ -59,7 +59,8 @@ def main() -> None:
     host = os.pidfd_open(int(sys.argv[3])) if len(sys.argv) > 3 else None
     os.write(files, b"\0")  # the kernel attaches our credentials: the host learns our pid as it sees it
     write_frame(proto_out, {"op": "hello", "pid": os.getpid()})
-    facts = apply(reader.read())  # limits, Landlock, seccomp: before any thread starts (see confine.py)
+    setup = reader.read()
+    facts = apply(setup)  # limits, Landlock, seccomp: before any thread starts (see confine.py)
     subcalls.remember_scratch(os.getcwd())  # where large rlm_query contexts go: model code may chdir
     # A process forked by model code (where fork is allowed) must not talk to the host too.
     os.register_at_fork(after_in_child=lambda: [os.close(fd) for fd in (proto_in, proto_out, files)])
@@ -84,7 +85,7 @@ def main() -> None:
                 raise ValueError(str(exc)) from None
         return answers
 
-    _session = Session(bridge, process_wide=True)
+    _session = Session(bridge, process_wide=True, tools=setup.get("tools"))  # host tools: names, never code
     signal.signal(signal.SIGINT, _on_sigint)
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(), host, proto_out), daemon=True).start()
     # Sent before any model code runs: what confinement the worker applied (for the trajectory).
@@ -215,13 +216,14 @@ def _dispatch(session: Session, message: dict, files: int) -> dict:
 
 
 def _load_context(session: Session, message: dict, files: int) -> dict:
+    name = message.get("name", "context")
     if "value" in message:
-        return session.set_context(message["value"])
+        return session.set_context(message["value"], name=name)
     if "text" in message:
-        return session.set_context(message["text"], message["text"].encode())
+        return session.set_context(message["text"], message["text"].encode(), name=name)
     if "json" in message:
-        return session.set_context(json.loads(message["json"]))
-    return session.load_context_fd(_receive_fd(files), message["format"])
+        return session.set_context(json.loads(message["json"]), name=name)
+    return session.load_context_fd(_receive_fd(files), message["format"], name=name)
 
 
 def _receive_fd(channel: int) -> int:

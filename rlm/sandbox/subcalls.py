@@ -100,7 +100,7 @@ def _files(items: list, wire: list, first: int = 0) -> list[int]:
     files: list[int] = []
     try:
         for index, (item, sent) in enumerate(zip(items, wire), first):
-            if type(sent) is dict and sent["file"]:
+            if type(sent) is dict and sent.get("file"):  # (an llm prompt with a model has no "file")
                 files.append(_scratch_file(index, item["context"]))
     except BaseException:
         for fd in files:

@@ -138,9 +138,10 @@ class SubprocessSandbox(Sandbox):
     isolated = False
     _preload: tuple[str, ...] = ()  # what the worker's confinement imports (see forkserver.spawn)
 
-    def __init__(self, bridge: LLMBridge, limits: SandboxLimits | None = None) -> None:
+    def __init__(self, bridge: LLMBridge, limits: SandboxLimits | None = None, *, tools: list | None = None) -> None:
         self._bridge = bridge
         self.limits = limits if limits is not None else SandboxLimits()
+        self._tools = list(tools or ())  # host tools' specs (rlm.tools.tool_specs), in every worker's setup
         self.check_platform()
         self._held = _Held(self._make_scratch())
         self._finalizer = weakref.finalize(self, self._held.release)
@@ -164,7 +165,9 @@ class SubprocessSandbox(Sandbox):
     # -- workers ---------------------------------------------------------------------------
 
     def _start(self) -> WorkerProcess:
-        return WorkerProcess(self._launch(), lambda pid: {"limits": self.limits.as_message(), **self._confinement(pid)})
+        return WorkerProcess(
+            self._launch(), lambda pid: {"limits": self.limits.as_message(), "tools": self._tools, **self._confinement(pid)}
+        )
 
     @property
     def _worker(self) -> WorkerProcess | None:
@@ -202,8 +205,16 @@ class SubprocessSandbox(Sandbox):
 
     # -- context ---------------------------------------------------------------------------
 
-    def load_context(self, source: ContextSource) -> dict:
+    def load_context(self, source: ContextSource, *, name: str = "context") -> dict:
         message, handle = self._context_file(source)
+        if name != "context":
+            message["name"] = name
+        if name not in ("context", "context_0"):  # a session's further value: not loaded again after a restart
+            try:
+                return self._send_context(message, handle)
+            finally:
+                if handle is not None:
+                    handle.close()
         if self._held.context_file is not None:
             self._held.context_file.close()
         self._held.context_file = handle
@@ -240,12 +251,15 @@ class SubprocessSandbox(Sandbox):
             fmt = "json"
         return {"op": "load_context", "format": fmt}, _read_only(handle)
 
-    def _send_context(self) -> dict:
+    def _send_context(self, message: dict | None = None, handle: IO[bytes] | None = None) -> dict:
+        """Send a context (by default the session's own, kept for a restart) and its file."""
         worker = self._require_worker()
-        message = self._context_message or {"op": "load_context", "value": None}
+        if message is None:
+            message = self._context_message or {"op": "load_context", "value": None}
+            handle = self._held.context_file
         try:
-            if self._held.context_file is not None:
-                worker.send_file(self._held.context_file)
+            if handle is not None:
+                worker.send_file(handle)
         except ProtocolError as exc:
             raise SandboxError(f"the REPL worker stopped while loading the context ({exc})") from None
         reply = self._request(message, "context")

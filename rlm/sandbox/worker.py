@@ -1,7 +1,10 @@
 """The REPL session that runs model-written code.
 
 `Session` holds one persistent namespace: `context`, the scaffold functions (`llm_query`,
-`llm_query_batched`, `FINAL`, `FINAL_VAR`, `SHOW_VARS`) and whatever the model defines.
+`llm_query_batched`, `FINAL`, `FINAL_VAR`, `SHOW_VARS`) and whatever the model defines. A
+multi-turn session (rlm.session) also loads named values: its first context as `context_0`
+too, later ones as `context_1`, `context_2`..., and `history` (earlier questions and answers,
+and turns taken out by compaction); all of them are put back before every cell, like `context`.
 The worker levels run it in a child process (serve.py: confinement, then frames over the
 child's stdin/stdout); the in-process sandbox uses it directly.
 
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
 from rlm._text import BoundedText
 from rlm.sandbox.describe import describe_context
 
-__all__ = ["FinalAnswer", "LLMQueryError", "Session", "SCAFFOLD_NAMES"]
+__all__ = ["FinalAnswer", "LLMQueryError", "Session", "SCAFFOLD_NAMES", "ToolError"]
 
 SCAFFOLD_NAMES = (
     "context", "context_bytes", "llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched",
@@ -51,6 +54,10 @@ class FinalAnswer(BaseException):
 
 class LLMQueryError(RuntimeError):
     """A sub-model call failed; raised inside model code so the model can react."""
+
+
+class ToolError(RuntimeError):
+    """A host tool raised, timed out or returned what is not JSON; raised inside model code."""
 
 
 def _short_repr(value: Any, limit: int) -> str:
@@ -128,11 +135,12 @@ class Session:
     `process_wide=False` (inside the host) routes output per thread instead.
     """
 
-    def __init__(self, llm: LLMBridge, *, process_wide: bool) -> None:
+    def __init__(self, llm: LLMBridge, *, process_wide: bool, tools: list | None = None) -> None:
         self._llm = llm
         self._process_wide = process_wide
         self._context: Any = None
         self._context_bytes: Any = None  # the raw bytes of a text context (an mmap in a worker)
+        self._named: dict[str, Any] = {}  # context_0 (an alias of context), context_1..., history
         self._cells = 0
         self._guard: Any = None  # integrity.Guard, in a worker process, from the first cell on
         self.running_user_code = False
@@ -146,19 +154,42 @@ class Session:
             "rlm_query": self._rlm_query,
             "rlm_query_batched": self._rlm_query_batched,
         }
+        # Host tools (rlm/tools.py): a stand-in function each, or a value kept as JSON text and
+        # parsed afresh before every cell, so that model code cannot change it for later cells.
+        self._tool_values: dict[str, str] = {}
+        for spec in tools or ():
+            if "value" in spec:
+                self._tool_values[spec["name"]] = spec["value"]
+            else:
+                self._scaffold[spec["name"]] = self._tool_function(spec["name"], spec["doc"])
+        if tools:
+            self._tool_values["ToolError"] = ""  # the class, put back with the values: see _restore_scaffold
+        self._tools = frozenset((*self._scaffold, *self._tool_values))
         self._restore_scaffold()
 
     # -- context -----------------------------------------------------------------------
 
-    def set_context(self, value: Any, raw: Any = None) -> dict:
-        """Make `value` the context; `raw` is what `context_bytes` shows (None for non-text)."""
+    def set_context(self, value: Any, raw: Any = None, name: str = "context") -> dict:
+        """Make `value` the context; `raw` is what `context_bytes` shows (None for non-text).
+
+        `name` "context_0" is the context under both names; "context_1"... and "history" are
+        a session's further values (their raw bytes are not kept).
+        """
+        if name not in ("context", "context_0"):
+            _check_named(name)
+            self._named[name] = value
+            self.namespace[name] = value
+            return describe_context(value)
         self._context = value
         self._context_bytes = raw
         self.namespace["context_bytes"] = raw
         self.namespace["context"] = value
+        if name == "context_0":
+            self._named["context_0"] = value
+            self.namespace["context_0"] = value
         return describe_context(value)
 
-    def load_context_fd(self, fd: int, fmt: str) -> dict:
+    def load_context_fd(self, fd: int, fmt: str, name: str = "context") -> dict:
         """Load the context from an open file, which is closed here.
 
         'json' is parsed. 'text' is memory-mapped (that mapping is `context_bytes`) and decoded
@@ -166,20 +197,20 @@ class Session:
         string (textfile.py). 'str' is text the host wrote from a `str` (surrogates passed
         through), so that the context is exactly the string the user gave.
         """
-        self.set_context(None)  # let a previous context go before the new one is built
+        self.set_context(None, name=name)  # let a previous context go before the new one is built
         with open(fd, "rb") as handle:
             if fmt == "json":
                 handle.seek(0)  # the offset is shared with every other descriptor of this open file
-                return self.set_context(json.load(handle))
+                return self.set_context(json.load(handle), name=name)
             size = os.fstat(handle.fileno()).st_size
             if size == 0:
-                return self.set_context("", b"")
+                return self.set_context("", b"", name=name)
             raw = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             from rlm.sandbox.textfile import read_ascii  # imports ctypes: only when a file comes
 
             text = read_ascii(handle.fileno(), size)
         errors = "surrogatepass" if fmt == "str" else "replace"
-        return self.set_context(str(raw, "utf-8", errors) if text is None else text, raw)
+        return self.set_context(str(raw, "utf-8", errors) if text is None else text, raw, name=name)
 
     # -- running cells ------------------------------------------------------------------
 
@@ -244,7 +275,8 @@ class Session:
         Converting model-made objects to text runs model code (`__str__`); its failure is
         reported in 'error', never raised.
         """
-        if name not in self.namespace or name in SCAFFOLD_NAMES or name.startswith("__"):
+        if (name not in self.namespace or name in SCAFFOLD_NAMES or name in self._named or name in self._tools
+                or name.startswith("__")):
             return {"found": False, "value": None, "names": sorted(self._user_names())}
         try:
             return {"found": True, "value": _as_answer(self.namespace[name])}
@@ -266,26 +298,31 @@ class Session:
         from rlm.sandbox.integrity import Guard
 
         self._guard = Guard.capture(functions=[self._llm, *self._scaffold.values()])
-        self._guard.keep_attributes(self, ("_llm", "_scaffold", "_process_wide", "_guard"))
+        self._guard.keep_attributes(self, ("_llm", "_scaffold", "_process_wide", "_guard", "_tool_values", "_tools"))
 
     def _restore_scaffold(self) -> None:
         self.namespace.update(self._scaffold)
+        for name, value in self._tool_values.items():
+            self.namespace[name] = json.loads(value) if value else ToolError
         self.namespace["context"] = self._context
         self.namespace["context_bytes"] = self._context_bytes
+        self.namespace.update(self._named)
 
     def _user_names(self) -> list[str]:
         return [
             name
             for name, value in self.namespace.items()
-            if name not in SCAFFOLD_NAMES and not name.startswith("_") and not isinstance(value, type(sys))
+            if name not in SCAFFOLD_NAMES and name not in self._named and name not in self._tools
+            and not name.startswith("_")
+            and not isinstance(value, type(sys))
         ]
 
     # -- the scaffold functions the model calls ----------------------------------------
 
-    def _llm_query(self, prompt: str) -> str:
+    def _llm_query(self, prompt: str, model: str | None = None) -> str:
         if not isinstance(prompt, str):
             raise TypeError(f"llm_query(prompt) takes a str, got {type(prompt).__name__}")
-        return self._call_llm("llm_query", [prompt])[0]
+        return self._call_llm("llm_query", [_with_model(prompt, model)])[0]
 
     def _rlm_query(self, query: str, context: Any = None) -> str:
         return self._rlm_query_batched([query], None if context is None else [context])[0]
@@ -304,14 +341,38 @@ class Session:
             return []
         return self._call_llm("rlm_query" if len(items) == 1 else "rlm_query_batched", items)
 
-    def _llm_query_batched(self, prompts: list[str]) -> list[str]:
+    def _llm_query_batched(self, prompts: list[str], model: str | None = None) -> list[str]:
         prompts = list(prompts)
         for index, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise TypeError(f"llm_query_batched(prompts): item {index} is a {type(prompt).__name__}, not a str")
         if not prompts:
             return []
-        return self._call_llm("llm_query_batched", prompts)
+        return self._call_llm("llm_query_batched", [_with_model(prompt, model) for prompt in prompts])
+
+    def _tool_function(self, name: str, doc: str) -> Any:
+        """The stand-in for host tool `name`: its arguments go to the host as JSON, its result comes back so."""
+        from rlm.sandbox.protocol import MAX_TOOL_CHARS
+
+        def tool(*args: Any, **kwargs: Any) -> Any:
+            try:
+                text = json.dumps({"name": name, "args": args, "kwargs": kwargs}, ensure_ascii=True, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(
+                    f"{name}(): arguments must be JSON values (str, int, float, bool, None, list, dict): {exc}"
+                ) from None
+            if len(text) > MAX_TOOL_CHARS:
+                raise ValueError(
+                    f"{name}(): the arguments are {len(text):,} characters as JSON, over {MAX_TOOL_CHARS:,}; pass less"
+                )
+            try:
+                return json.loads(self._call_llm("tool", [text])[0])
+            except LLMQueryError as exc:
+                raise ToolError(str(exc)) from None
+
+        tool.__name__ = tool.__qualname__ = name
+        tool.__doc__ = doc
+        return tool
 
     def _call_llm(self, kind: str, prompts: list[str]) -> list[str]:
         # While the host answers, a timeout interrupt must not tear a frame in half: hold it
@@ -349,6 +410,13 @@ class Session:
         return {name: type(self.namespace[name]).__name__ for name in self._user_names()}
 
 
+def _check_named(name: str) -> None:
+    """A session's value may be `context_<n>` or `history`: never a scaffold function's name."""
+    number = name[len("context_"):] if name.startswith("context_") else ""
+    if name != "history" and not (number.isdigit() and number == str(int(number))):
+        raise ValueError(f"a session value may be named context_<n> or history, not {name[:40]!r}")
+
+
 def _context_item(index: int, context: Any) -> dict:
     """An rlm_query context as it travels: text, or a list / dict as JSON text (parsed only by
     the child's own sandbox: the host never parses nested data from a worker)."""
@@ -362,6 +430,17 @@ def _context_item(index: int, context: Any) -> dict:
     raise TypeError(
         f"rlm_query: context {index} must be a str, list or dict of plain values, not {type(context).__name__}"
     )
+
+
+def _with_model(prompt: str, model: Any) -> Any:
+    """A prompt as sent to the host: the text, or {prompt, model} when model code chose a sub-model."""
+    from rlm.sandbox.protocol import MAX_MODEL_NAME
+
+    if model is None:
+        return prompt
+    if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_NAME:
+        raise TypeError(f"llm_query(prompt, model=...): model is the name of an allowed sub-model, got {model!r:.100}")
+    return {"prompt": prompt, "model": model}
 
 
 def _as_answer(value: Any) -> str:

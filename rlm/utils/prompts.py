@@ -12,9 +12,13 @@ Placeholders in braces are filled by `system_prompt()`; a custom prompt may use 
 
 from __future__ import annotations
 
+from typing import Any, Iterable
+
 from rlm.errors import ConfigError
 
-__all__ = ["PROMPTS", "NO_SUB_CALLS_PROMPT", "system_prompt", "first_user_message", "turn_user_message", "context_summary"]
+__all__ = ["PROMPTS", "NO_SUB_CALLS_PROMPT", "system_prompt", "first_user_message", "turn_user_message", "context_summary",
+           "answer_schema_note", "schema_refusal", "session_note", "SUMMARY_PROMPT", "compaction_note", "tools_note",
+           "sub_models_note"]
 
 _INTRO = """\
 You answer a question about a context that is too large to read at once. The context is not in \
@@ -217,4 +221,74 @@ def turn_user_message(query: str, observations: str) -> str:
         f"{observations}\n\n"
         f"Reminder of the question: {query}\n\n"
         "Continue with more repl code, or, if you are sure, answer with FINAL(...) or FINAL_VAR(name)."
+    )
+
+
+def answer_schema_note(schema_json: str) -> str:
+    """Added to the first user turn when the caller wants a typed answer (`schema=`)."""
+    return (
+        "The final answer must be JSON matching this JSON schema (FINAL with the JSON text, or "
+        f"FINAL_VAR with a dict or list that matches it):\n{schema_json}"
+    )
+
+
+def schema_refusal(problem: str) -> str:
+    """Feedback when a final answer does not match the schema: the run goes on."""
+    return (
+        f"Your final answer was not accepted: it does not match the required JSON schema.\n{problem}\n"
+        "Fix it and answer again with FINAL(json) or FINAL_VAR(name)."
+    )
+
+
+def session_note(index: int, variables: bool = True) -> str:
+    """Added to the first user turn of a session's later completion (`index` >= 1); `variables`:
+    those of the earlier questions are still defined."""
+    earlier = "context_0" if index == 1 else f"context_0 ... context_{index - 1}"
+    kept = "are still defined" if variables else "are gone (the session was continued without them)"
+    return (
+        f"This is question {index + 1} of a session. Its context is `context_{index}` (the description above); "
+        f"`context` is still the first one, and the earlier contexts are `{earlier}`. Variables from the earlier "
+        f"questions {kept}; `history` lists the earlier questions and your answers "
+        "(dicts with 'role', 'content' and 'completion')."
+    )
+
+
+SUMMARY_PROMPT = """You are compacting the transcript of a Python REPL session in which an assistant works on a question about a large context. Summarise the transcript below for the assistant, who will continue without it: what has been learned about the context, the variables made and what they hold, which steps worked and which failed, and what remains to do. Keep exact names, numbers and partial results. Write only the summary."""
+
+
+def compaction_note(turns: str, summary: str) -> str:
+    """What stands in for turns the root model summarised (compaction)."""
+    return (
+        f"(Note: to fit your context window, {turns} of this conversation were replaced by this summary. "
+        "Their full text is in the REPL variable `history` (dicts with 'role', 'content' and 'turn').)\n\n"
+        f"Summary of {turns}:\n{summary}"
+    )
+
+
+def tools_note(tools: Iterable[Any]) -> str:
+    """Added to the system prompt when the caller gives host tools (`RLM_REPL(tools=...)`):
+    each function's signature and first docstring line, each value's name. Empty without tools."""
+    tools = list(tools)
+    if not tools:
+        return ""
+    lines = ["", "", "The REPL also has these tools of the user's, ready to use:"]
+    for tool in tools:
+        if tool.is_function:
+            lines.append(f"- `{tool.signature()}`" + (f": {tool.description}" if tool.description else ""))
+        else:
+            lines.append(f"- `{tool.name}`: a read-only value" + (f" ({tool.description})" if tool.description else ""))
+    if any(tool.is_function for tool in tools):
+        lines.append(
+            "A tool runs outside the REPL: pass it JSON values (str, numbers, bool, None, lists, dicts) and it "
+            "returns one; if it fails, the call raises ToolError, which you can catch."
+        )
+    return "\n".join(lines)
+
+
+def sub_models_note(default: str, others: list[str]) -> str:
+    """Added to the first user turn when the user allowed more sub-models (`sub_models=`)."""
+    names = ", ".join(repr(name) for name in others)
+    return (
+        f"llm_query and llm_query_batched use the sub-model {default!r}; pass model=NAME to use another "
+        f"one of: {names}."
     )

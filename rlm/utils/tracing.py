@@ -31,7 +31,9 @@ __all__ = [
     "RunStart",
     "LLMCall",
     "SubCall",
+    "ToolCall",
     "CodeExec",
+    "Compaction",
     "Final",
     "ErrorEvent",
     "RunEnd",
@@ -129,6 +131,21 @@ class SubCall(Event):
 
 
 @dataclass(kw_only=True)
+class ToolCall(Event):
+    """One call of a host tool (`RLM_REPL(tools=...)`) from a cell: its arguments and result as
+    JSON text, or the `error` model code got instead."""
+
+    type: ClassVar[str] = "tool_call"
+    turn: int
+    name: str
+    arguments: str  # JSON: {"args": [...], "kwargs": {...}}
+    result: str | None  # JSON text of what the tool returned
+    latency: float
+    error: str | None = None
+    cell: int | None = None  # the index of the cell (exec event) of this run that made the call
+
+
+@dataclass(kw_only=True)
 class CodeExec(Event):
     type: ClassVar[str] = "exec"
     turn: int
@@ -150,6 +167,21 @@ class Final(Event):
     turn: int
     answer: str
     source: str  # "reply" (a FINAL line) or "code" (FINAL called in a cell)
+
+
+@dataclass(kw_only=True)
+class Compaction(Event):
+    """The root model summarised old turns of the conversation to keep it within its window
+    (`compact_at`): the turns taken out, its summary (empty when it failed and the turns were
+    dropped with a note instead: `error` says why), and the summary call's usage."""
+
+    type: ClassVar[str] = "compaction"
+    turn: int
+    removed_turns: list[int]
+    summary: str
+    usage: dict = field(default_factory=dict)
+    cost: float | None = 0.0
+    error: str | None = None
 
 
 @dataclass(kw_only=True)

@@ -110,6 +110,22 @@ def _cell(cell: Cell, texts: _Texts, numbers: dict[str, int]) -> dict[str, Any]:
 
 
 def _sub(event: dict, texts: _Texts) -> dict[str, Any]:
+    if event.get("type") == "tool_call":  # a host tool: its arguments and result in place of prompt and reply
+        return {
+            "kind": f"tool {event.get('name')}", "tool": True, "model": None,
+            "prompt": texts.ref(event.get("arguments")),
+            "reply": texts.ref(event.get("result")), "usage": [0, 0], "cost": 0.0, "latency": event.get("latency"),
+            "ts": event.get("ts"), "index": None, "size": None, "error": texts.ref(event.get("error")),
+            "cache_hit": False, "note": None,
+        }
+    if event.get("type") == "compaction":  # the root model's summary of old turns: the turns, then the summary
+        turns = ", ".join(str(turn) for turn in event.get("removed_turns") or [])
+        return {
+            "kind": "compaction", "model": None, "prompt": texts.ref(f"summarise turns {turns}"),
+            "reply": texts.ref(event.get("summary") or None), "usage": _usage(event.get("usage")),
+            "cost": event.get("cost"), "latency": None, "ts": event.get("ts"), "index": None, "size": None,
+            "error": texts.ref(event.get("error")), "cache_hit": False, "note": None,
+        }
     return {
         "kind": event.get("kind"), "model": event.get("model"), "prompt": texts.ref(event.get("prompt")),
         "reply": texts.ref(event.get("reply")), "usage": _usage(event.get("usage")), "cost": event.get("cost"),

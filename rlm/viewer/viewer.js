@@ -153,8 +153,8 @@
     sub(head, sub, box) {
       const where = sub.size ? " " + (sub.index + 1) + "/" + sub.size : "";
       head.append(el("span", "name", (sub.kind || "llm_query") + where));
-      facts(head, [sub.cache_hit ? "cache hit" : secs(sub.latency), sub.cache_hit ? "" : tokens(sub.usage),
-        sub.cache_hit ? "" : money(sub.cost), sub.model]);
+      facts(head, sub.tool ? [secs(sub.latency)] : [sub.cache_hit ? "cache hit" : secs(sub.latency),
+        sub.cache_hit ? "" : tokens(sub.usage), sub.cache_hit ? "" : money(sub.cost), sub.model]);
       if (sub.error !== null) { head.append(el("span", "warn", "failed")); box.classList.add("failed"); }
       head.append(el("span", "preview", oneLine(text(sub.prompt), 60) + "  \u2192  " + oneLine(text(sub.reply), 50)));
     },
@@ -195,8 +195,8 @@
     },
     sub(body, sub) {
       if (sub.note) body.append(el("div", "facts", sub.note));
-      body.append(textBlock("prompt", sub.prompt));
-      body.append(textBlock("reply", sub.reply));
+      body.append(textBlock(sub.tool ? "arguments" : "prompt", sub.prompt));
+      body.append(textBlock(sub.tool ? "result" : "reply", sub.reply));
       if (sub.error !== null) body.append(textBlock("error", sub.error, "err"));
     },
   };
