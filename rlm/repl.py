@@ -8,7 +8,10 @@ cells with the run's time and output limits, and records each cell in the trace.
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,15 @@ def context_source(context: Any) -> ContextSource:
     """Check a user's context value and say how the sandbox should load it.
 
     Accepted: a `str`; a list of strings (chunks); a dict or list of JSON-able values; a
-    `pathlib.Path` to a UTF-8 text file (read by the sandbox, never by the host).
+    `pathlib.Path` to a UTF-8 text file (read by the sandbox, never by the host); or such a
+    file already open for binary reading (the sandbox reads it from its start through a
+    descriptor of its own; the caller keeps it open for the call and closes it): what a server
+    passes after checking the file it opened, so that no later swap of the path can matter.
     """
+    if isinstance(context, (io.BufferedReader, io.FileIO)):
+        if context.closed or not stat.S_ISREG(os.fstat(context.fileno()).st_mode):
+            raise ContextError("an open context file must be an open regular file")
+        return ContextSource(handle=context.fileno(), fmt="text")
     if isinstance(context, Path):
         if not context.is_file():
             raise ContextError(f"context file {str(context)!r} does not exist or is not a file")

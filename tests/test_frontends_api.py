@@ -7,6 +7,8 @@ cap and limits that requests may only lower; every run uses the default sandbox 
 
 from __future__ import annotations
 
+import asyncio
+
 import http.client
 import json
 import os
@@ -299,3 +301,18 @@ def test_a_server_that_cannot_start_safely_says_why_and_exits_2(args: list[str],
     result = CliRunner().invoke(app, args, env={"RLM_SERVER_KEY": ""})
     assert result.exit_code == 2, result.output
     assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_body_of_countless_tiny_values_is_refused_before_it_is_parsed() -> None:
+    """Parsed, `{}` costs ~20 times its bytes: the values are counted first, the parse is off the loop."""
+    from rlm.frontends import api
+
+    body = b'{"model": "rlm:auto", "x": [' + b",".join([b"{}"] * (api.MAX_BODY_VALUES + 1)) + b"]}"
+    scope = {"headers": [(b"content-type", b"application/json")]}
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    with pytest.raises(api._Refused) as refused:
+        asyncio.run(api._json_body(scope, receive, len(body)))
+    assert refused.value.status == 413 and "JSON values" in str(refused.value)

@@ -60,6 +60,8 @@ class RunHandle:
                 return await self.rlm.arun(context=self.request.context, query=self.request.query)
         finally:
             self.rlm.close()
+            if hasattr(self.request.context, "close"):
+                self.request.context.close()  # a context_path file, opened when it was checked
 
     async def result(self) -> "RLMResult":
         """The run's result. If the caller is cancelled while waiting, the run is stopped first."""

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -110,11 +111,14 @@ def parse_run_request(fields: Mapping[str, Any], settings: ServerSettings) -> Ru
     )
 
 
-def resolve_context_path(text: Any, allowed: tuple[Path, ...]) -> Path:
-    """The real path of a requested context file, if it lies under one of `allowed`.
+def resolve_context_path(text: Any, allowed: tuple[Path, ...]) -> Any:
+    """A requested context file, opened for binary reading, if it lies under one of `allowed`.
 
     Links are resolved before the check, so a link inside an allowed directory that points
     outside is refused. Nothing is said about a path outside (not even whether it exists).
+    The file is opened here and checked again by what was opened (its path as the kernel
+    gives it, and its type), then passed on open: swapping the path for a link after the
+    check cannot make the run read another file. The caller closes it.
     """
     if not isinstance(text, str) or not text or "\x00" in text or len(text) > _MAX_PATH:
         raise ConfigError(f"context_path must be a file path of 1 to {_MAX_PATH} characters")
@@ -125,9 +129,21 @@ def resolve_context_path(text: Any, allowed: tuple[Path, ...]) -> Path:
             f"context_path {text!r} is outside the directories this server reads (allowed: {where}); "
             "put the file there, or start the server with --allow-dir for its directory"
         )
-    if not real.is_file():
-        raise ContextError(f"context_path {text!r} is not a regular file; name a text file")
-    return real
+    refused = ContextError(f"context_path {text!r} is not a regular file; name a text file")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        raise refused from None
+    try:
+        opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if not any(opened.is_relative_to(directory) for directory in allowed):
+            raise PathNotAllowed(f"context_path {text!r} changed while it was being opened; try again")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise refused
+    except BaseException:
+        os.close(fd)
+        raise
+    return open(fd, "rb")  # noqa: SIM115: the run's owner closes it
 
 
 def allowed_dirs(directories: list[Path]) -> tuple[Path, ...]:

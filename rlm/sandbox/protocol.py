@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CUT_ROOM", "FrameReader", "HOST_FRAMES", "HOST_FRAME_CAP", "MAX_ANSWER_CHARS", "MAX_BATCH", "MAX_CONTEXT_FILE",
-    "MAX_ERROR_CHARS", "MAX_JSON_ITEMS", "MAX_MODEL_NAME", "MAX_NAMES", "MAX_TOOL_CHARS", "ProtocolError",
+    "MAX_ERROR_CHARS", "MAX_JSON_ITEMS", "check_items", "MAX_MODEL_NAME", "MAX_NAMES", "MAX_TOOL_CHARS", "ProtocolError",
     "ProtocolViolation", "RESULT_FRAME_CAP",
     "SUB_CALL_KINDS", "WORKER_FRAMES", "WORKER_FRAME_CAP", "decode_tool_call", "encode_frame", "fit_frame",
     "result_frames",
@@ -237,7 +237,7 @@ def decode_tool_call(text: object) -> dict:
     if it is not that, or over MAX_TOOL_CHARS, or holds more than MAX_JSON_ITEMS values."""
     if type(text) is not str or len(text) > MAX_TOOL_CHARS:
         raise ProtocolViolation(f"a tool call that is not JSON text of at most {MAX_TOOL_CHARS:,} characters")
-    _check_items(bytearray(text.encode("utf-8", "replace")), MAX_JSON_ITEMS)
+    check_items(bytearray(text.encode("utf-8", "replace")), MAX_JSON_ITEMS)
     try:
         call = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
@@ -351,7 +351,7 @@ _COUNT_ABOVE = 256 << 10  # bytes: a smaller frame expands to a few MiB at most,
 _STRING_REST = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
-def _check_items(body: bytearray, cap: int) -> None:
+def check_items(body: bytes | bytearray, cap: int) -> None:
     """ProtocolViolation if `body` has more than `cap` separators outside strings.
 
     Each JSON value past the first follows a "," "[" or "{", so this bounds the objects the
@@ -420,7 +420,7 @@ class FrameReader:
                     return None
             if self.max_items is not None:
                 try:
-                    _check_items(self._body, self.max_items)
+                    check_items(self._body, self.max_items)
                 except ProtocolViolation:
                     self._body, self._header = None, b""
                     raise
