@@ -457,7 +457,8 @@ def _options(settings: dict[str, Any], sandbox: str | None) -> dict[str, Any]:
         "sub_call_chars": settings.get("sub_call_chars"), "context_window": settings.get("context_window"),
         "max_reply_tokens": settings.get("reply_tokens"), "max_depth": settings.get("max_depth"),
         "max_concurrency": settings.get("max_concurrency"), "cache": settings.get("cache"),
-        "compact": True if settings.get("compact_at") else None, "compact_at": settings.get("compact_at"),
+        # Compaction as recorded: off for a run without it (and for recordings older than it).
+        "compact": bool(settings.get("compact_at")), "compact_at": settings.get("compact_at"),
         "sandbox": sandbox or (recorded_sandbox if recorded_sandbox not in (None, "custom") else None),
         **{name: limits.get(name) for name in ("max_cost", "max_tokens", "max_sub_calls", "max_time")},
     }

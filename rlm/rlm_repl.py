@@ -97,8 +97,8 @@ class RLM_REPL(RLM):
             as `tools`, `{}` for none.
         compact: when a root request passes `compact_at` of the root model's window (0.85),
             the root model summarises the older turns, whose full text stays in the REPL as
-            `history` (see rlm.compaction); default False: old turns are dropped with a note
-            when the window is full.
+            `history` (see rlm.compaction); default True. False: old turns are dropped with a
+            note when the window is full (also what happens when a summary fails).
 
     Attributes:
         sandbox_level: the level model code runs at ("bwrap", "strict", ...; "auto" resolved),
@@ -141,7 +141,7 @@ class RLM_REPL(RLM):
         on_event: Callable[[Event], None] | None = None,
         tools: ToolsArg = None,
         sub_tools: ToolsArg = None,
-        compact: bool = False,
+        compact: bool = True,
         compact_at: float = DEFAULT_COMPACT_AT,
     ) -> None:
         _check_arguments(locals())

@@ -67,7 +67,7 @@ def test_a_failed_summary_falls_back_to_dropping_the_turns() -> None:
 
 def test_without_compact_old_turns_are_dropped_as_before() -> None:
     model, summaries = scripted()
-    agent, _, _ = make(model, window=4000, sandbox="subprocess")
+    agent, _, _ = make(model, window=4000, sandbox="subprocess", compact=False)
     assert agent.completion(context="abc", query="q") == "done"
     assert summaries == [] and not [event for event in agent.trace if event.type == "compaction"]
 

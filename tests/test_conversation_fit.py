@@ -36,7 +36,7 @@ def turns_in(request: list[dict]) -> list[str]:
 
 def test_a_long_run_always_fits_removing_whole_old_turns_and_keeping_the_question() -> None:
     replies = [printing(turn) for turn in range(1, 15)] + ["FINAL(fitted)"]
-    rlm, root, _ = make(replies, window=WINDOW)
+    rlm, root, _ = make(replies, window=WINDOW, compact=False)
     assert rlm.completion(context="c", query="Where is the needle?") == "fitted"
 
     room = reply_room(WINDOW, None)
@@ -63,7 +63,7 @@ def test_a_long_run_always_fits_removing_whole_old_turns_and_keeping_the_questio
 
 def test_the_latest_reply_and_output_are_whole_while_old_turns_can_go() -> None:
     replies = [printing(turn) for turn in range(1, 9)] + ["FINAL(done)"]
-    rlm, root, _ = make(replies, window=WINDOW)
+    rlm, root, _ = make(replies, window=WINDOW, compact=False)
     assert rlm.completion(context="c", query="q") == "done"
     for turn, request in enumerate(root.requests[1:], start=1):
         assert turns_in(request)[-1] == replies[turn - 1]
@@ -152,7 +152,7 @@ def _printing_turns(count: int) -> list[str]:
 def test_a_refusal_is_fitted_again_with_the_servers_sizes_and_retried_once() -> None:
     # The server reports no window but enforces 3,000 tokens, as a llama.cpp slot would.
     with FakeOpenAIServer(root=_printing_turns(8), enforced_window=3_000) as server:
-        with RLM_REPL("m", "m", api_url=server.url, sandbox="inprocess", max_reply_tokens=200) as rlm:
+        with RLM_REPL("m", "m", api_url=server.url, sandbox="inprocess", max_reply_tokens=200, compact=False) as rlm:
             assert rlm.completion(context="c", query="q") == "done"
         requests = server.chat_requests(root=True)
     calls = [event for event in rlm.trace if event.type == "llm_call"]

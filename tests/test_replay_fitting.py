@@ -33,7 +33,7 @@ def replay_cli(path: Path, tmp_path: Path, context: str = CONTEXT) -> object:
 
 def test_a_run_whose_old_turns_were_removed_replays_identically(tmp_path: Path) -> None:
     replies = [printing(turn) for turn in range(1, 13)] + ["FINAL(fitted)"]
-    recorded, _, _ = make(replies, window=4_000, log_dir=str(tmp_path))
+    recorded, _, _ = make(replies, window=4_000, log_dir=str(tmp_path), compact=False)
     assert recorded.completion(context=CONTEXT, query="q") == "fitted"
     trajectory = load(recorded.tracer.path)
     assert trajectory.root.start["context_window"] == 4_000  # the window the server reported, recorded
@@ -41,7 +41,7 @@ def test_a_run_whose_old_turns_were_removed_replays_identically(tmp_path: Path) 
 
     session = replay_clients(recorded.tracer.path)
     assert session.root.context_window() == 4_000
-    again = RLM_REPL(client=session.root, sub_client=session.sub, sandbox="inprocess")
+    again = RLM_REPL(client=session.root, sub_client=session.sub, sandbox="inprocess", compact=False)
     session.assert_same(again.completion(context=CONTEXT, query="q"))
     done = replay_cli(recorded.tracer.path, tmp_path)
     assert done.exit_code == ExitCode.ANSWERED, done.stdout + done.stderr
