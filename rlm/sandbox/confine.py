@@ -74,8 +74,9 @@ def apply(setup: dict[str, Any]) -> dict[str, Any]:
     set_limits(setup.get("limits") or {})
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     facts: dict[str, Any] = {"landlock_abi": None, "namespaces": [], "scratch_size": None, "own_root": False}
-    with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as last:
-        last_capability = int(last.read())  # read before a root of our own leaves /proc/sys out
+    if setup.get("drop_privileges"):
+        with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as last:
+            last_capability = int(last.read())  # read before a root of our own leaves /proc/sys out
     if setup.get("isolate") is not None:
         view = setup.get("landlock") if setup["isolate"].get("own_root") else None
         facts.update(isolate(setup["isolate"].get("scratch_size"), view))

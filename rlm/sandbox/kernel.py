@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 import signal
 
+TYPE_CHECKING = False  # typing costs a worker start-up time; type checkers read this as True
+if TYPE_CHECKING:
+    from typing import Callable, Iterable
+
 __all__ = ["landlock_abi", "descendants", "kill_descendants", "kill_strays"]
 
 # The Landlock system calls have the same numbers on every architecture (they are newer than
@@ -63,13 +67,7 @@ def _children() -> dict[int, list[int]]:
 def descendants(pid: int) -> list[int]:
     """The live processes below `pid` (children, their children...), nearest first."""
     children = _children()
-    found: list[int] = []
-    queue = list(children.get(pid, ()))
-    while queue:
-        child = queue.pop(0)
-        found.append(child)
-        queue.extend(children.get(child, ()))
-    return found
+    return _below(children, children.get(pid, ()))
 
 
 def kill_descendants(pid: int) -> int:
@@ -80,15 +78,7 @@ def kill_descendants(pid: int) -> int:
     session cannot slip out of its tree. Each process is signalled through a pidfd after its
     parent was checked again, so that a recycled pid is never hit.
     """
-    killed = 0
-    for _ in range(_KILL_ROUNDS):
-        found = descendants(pid)
-        if not found:
-            break
-        tree = {pid, *found}
-        for child in found:
-            killed += _kill_if_below(child, tree)
-    return killed
+    return _kill_trees(pid, lambda children: children)
 
 
 def kill_strays(keep: set[int]) -> int:
@@ -98,19 +88,30 @@ def kill_strays(keep: set[int]) -> int:
     are handed to it (however they detached), and are strays to be killed, not adopted.
     Repeated until none is left (bounded): a stray's children come to us when it dies.
     """
-    me, killed = os.getpid(), 0
+    return _kill_trees(os.getpid(), lambda children: [child for child in children if child not in keep])
+
+
+def _below(children: dict[int, list[int]], roots: Iterable[int]) -> list[int]:
+    """`roots` and every process below them in `children`, nearest first."""
+    found: list[int] = []
+    queue = list(roots)
+    while queue:
+        pid = queue.pop(0)
+        found.append(pid)
+        queue.extend(children.get(pid, ()))
+    return found
+
+
+def _kill_trees(parent: int, pick: Callable[[list[int]], list[int]]) -> int:
+    """SIGKILL the children of `parent` that `pick` chooses, with everything below them, in rounds."""
+    killed = 0
     for _ in range(_KILL_ROUNDS):
         children = _children()
-        strays = [child for child in children.get(me, ()) if child not in keep]
-        if not strays:
+        found = _below(children, pick(children.get(parent, [])))
+        if not found:
             break
-        tree = {me, *strays}
-        queue = list(strays)
-        while queue:
-            below = children.get(queue.pop(), ())
-            tree.update(below)
-            queue.extend(below)
-        for pid in tree - {me}:
+        tree = {parent, *found}
+        for pid in found:
             killed += _kill_if_below(pid, tree)
     return killed
 
