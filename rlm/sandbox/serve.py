@@ -44,7 +44,7 @@ def main() -> None:
     global _session
     from rlm.sandbox import subcalls
     from rlm.sandbox.confine import apply
-    from rlm.sandbox.protocol import HOST_FRAMES, FrameReader, write_frame
+    from rlm.sandbox.protocol import HOST_FRAMES, FrameReader, write_bytes, write_frame
 
     # Keep the protocol on private descriptors, and point fds 0/1 elsewhere so that stray
     # writes from model code (os.write(1, ...), C extensions) cannot corrupt a frame.
@@ -69,9 +69,6 @@ def main() -> None:
     in_flight: list = [None]  # the id of the "exec" running now: its sub-calls carry it
 
     def bridge(kind: str, prompts: list) -> list[str]:
-        from rlm.sandbox import subcalls
-        from rlm.sandbox.protocol import write_bytes
-
         answers: list[str] = []
         with bridge_lock:
             if in_flight[0] is None:
