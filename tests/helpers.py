@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from rlm.rlm_repl import RLM_REPL
-from rlm.sandbox import Sandbox, SubCallFailed
+from rlm.sandbox import Sandbox, SubCallFailed, kernel
 from rlm.testing import ScriptedModel
 
 FENCE = "```"
@@ -101,34 +101,12 @@ def read_until_closed(fd: int, deadline: float) -> bytes:
 
 def process_alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie is gone, only not yet reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
+    return kernel.alive(pid)
 
 
 def descendants(pid: int) -> set[int]:
     """The live processes below `pid` (children, their children...), read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
-                fields = stat.read().rsplit(") ", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
+    return set(kernel.descendants(pid))
 
 
 

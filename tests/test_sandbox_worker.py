@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RecordingBridge, make, ok, repl, run
+from helpers import RecordingBridge, make, ok, process_alive, repl, run
 from rlm.sandbox import ContextSource, SandboxLimits, create_sandbox
 from rlm.sandbox import subprocess as subprocess_sandbox
 from rlm.sandbox.workerio import STDERR_KEPT
@@ -273,15 +273,6 @@ box.run("while True:\\n    pass", timeout=600, max_output=1000)
 """
 
 
-def _running(pid: int) -> bool:
-    """True while `pid` is a live process (an exited one waiting to be reaped does not count)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _first_line(stream, deadline: float) -> str:
     data = b""
     while b"\n" not in data and time.monotonic() < deadline:
@@ -306,14 +297,14 @@ def test_worker_of_a_killed_host_exits_with_what_it_started_and_removes_its_scra
         line = _first_line(host.stdout, time.monotonic() + 30)
         assert line, host.stderr.read().decode() if host.poll() is not None else "no output from the host"
         pid, scratch, detached = json.loads(line)
-        assert _running(pid) and _running(detached) and Path(scratch).is_dir() and Path(scratch).parent == tmp_path
+        assert process_alive(pid) and process_alive(detached) and Path(scratch).is_dir() and Path(scratch).parent == tmp_path
         host.kill()
         host.wait(timeout=10)
         deadline = time.monotonic() + 3
-        while (_running(pid) or _running(detached) or Path(scratch).exists()) and time.monotonic() < deadline:
+        while (process_alive(pid) or process_alive(detached) or Path(scratch).exists()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _running(pid), "the orphaned worker is still running"
-        assert not _running(detached), "a process the worker's model code started is still running"
+        assert not process_alive(pid), "the orphaned worker is still running"
+        assert not process_alive(detached), "a process the worker's model code started is still running"
         assert not Path(scratch).exists(), "the orphaned worker left its scratch directory"
     finally:
         if host.poll() is None:
@@ -322,7 +313,7 @@ def test_worker_of_a_killed_host_exits_with_what_it_started_and_removes_its_scra
         for pipe in (host.stdout, host.stderr):
             pipe.close()
         for leftover in (pid, detached):  # do not leave a spinning worker behind a failed test
-            if leftover is not None and _running(leftover):
+            if leftover is not None and process_alive(leftover):
                 os.kill(leftover, signal.SIGKILL)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

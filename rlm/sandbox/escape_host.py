@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 from rlm.sandbox.escapes import PROBES, SECRET_NAME, Probe
+from rlm.sandbox.kernel import alive
 
 MEMORY_LIMIT = 1 << 30  # the worker levels' limits while probing
 FILE_SIZE_LIMIT = 4 << 20
@@ -426,7 +427,7 @@ def _survivors(name: str) -> bool:
     deadline = time.monotonic() + 1.0
     found: list[int] = []
     while time.monotonic() < deadline:
-        found = [pid for pid in _named(name) if _running(pid)]
+        found = [pid for pid in _named(name) if alive(pid)]
         if not found:
             return False
         time.sleep(0.05)
@@ -445,14 +446,6 @@ def _named(name: str) -> list[int]:
         except OSError:
             continue
     return pids
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

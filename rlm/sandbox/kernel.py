@@ -14,7 +14,7 @@ TYPE_CHECKING = False  # typing costs a worker start-up time; type checkers read
 if TYPE_CHECKING:
     from typing import Callable, Iterable
 
-__all__ = ["landlock_abi", "descendants", "kill_descendants", "kill_strays"]
+__all__ = ["landlock_abi", "alive", "descendants", "kill_descendants", "kill_strays"]
 
 # The Landlock system calls have the same numbers on every architecture (they are newer than
 # the unified numbering).
@@ -52,6 +52,12 @@ def _stat(pid: int | str) -> tuple[bytes, int] | None:
     except OSError:
         return None
     return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has ended, only not yet been reaped)."""
+    found = _stat(pid)
+    return found is not None and found[0] not in (b"Z", b"X")
 
 
 def _children() -> dict[int, list[int]]:
